@@ -1,0 +1,49 @@
+"""llama_hk: LLaMA in JAX and dm-haiku, wired by gin-config, driven by absl binaries."""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    # The model, its parameters and the optimizer.
+    "jax>=0.4.35",
+    "dm-haiku>=0.0.13",
+    "optax>=0.2.3",
+    "numpy>=1.26",
+    "ml_dtypes>=0.4",  # bfloat16 as a NumPy dtype, for streaming conversion without a framework.
+    # Wiring and binaries.
+    "gin-config>=0.5",
+    "absl-py>=2.0",
+    # The project's own checkpoint format (sharded, async, restores straight into a mesh layout).
+    "orbax-checkpoint>=0.6",
+    # Reading and writing Hugging Face checkpoints tensor by tensor, without torch.
+    "safetensors>=0.4",
+    # GGUF files (llama.cpp): metadata, tokenizer and the dequantization kernels.
+    "gguf>=0.10",
+    # Tokenizers: LLaMA-1/2 `tokenizer.model` and the `tokenizer.json` of LLaMA-3 and SmolLM2.
+    "sentencepiece>=0.2",
+    "tokenizers>=0.19",
+    "jinja2>=3.1",  # chat templates carried by tokenizer configs.
+    # Data: TFDS as the dataset layer (array_record, no TensorFlow), grain as the input pipeline.
+    "tensorflow-datasets>=4.9.7",
+    "array_record>=0.5",
+    "grain>=0.2.2",
+    # Peak-memory figures in the memory report and the conversion bench.
+    "psutil>=5.9",
+]
+
+TEST_REQUIRES = [
+    # References only: transformers' PyTorch LLaMA is the independent implementation we compare against.
+    "torch==2.13.0",
+    "transformers>=4.46",
+    "accelerate>=0.30",  # transformers' GGUF loader needs it.
+    "pytest>=8",
+]
+
+setuptools.setup(
+    name="llama_hk",
+    version="0.1.0",
+    description=__doc__,
+    packages=setuptools.find_packages(include=["llama_hk", "llama_hk.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": TEST_REQUIRES},
+)
