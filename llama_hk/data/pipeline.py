@@ -1,0 +1,152 @@
+"""The input pipeline: documents of a TFDS split to packed, batched, checkpointable training rows, with grain.
+
+Why grain: it reads the TFDS ArrayRecord data sources by index, so a process reads only its shard and a shuffle is
+a permutation of indices (no shuffle buffer), and every stage here (shuffle, map, flat map, packing, batching,
+prefetch) has a small explicit iterator state: `get_state()` after k batches and `set_state()` on a fresh iterator
+continues with bit-identical batches, across epoch boundaries too.
+
+Stages, per process:
+  1. Shard: documents `process_index::process_count` of the split; shards are disjoint and cover the split.
+  2. Shuffle the shard's documents with `seed`, anew each epoch (grain reseeds per epoch), repeat `num_epochs`.
+  3. Tokenize: `tokenizer.encode(text, add_eos=True)`, so BOS is there when the tokenizer adds it by default and EOS
+     ends every document.
+  4. Split documents longer than `seq_len` into chunks of `seq_len` tokens. Consecutive chunks share one token (the
+     last of one is the first of the next) so that every next-token pair of the document is a target in exactly one
+     chunk; each chunk is a segment with positions from 0.
+  5. Pack chunks first-fit into rows of `seq_len` (`num_packing_bins` rows at a time, emitted in seeded random order).
+  6. Targets: `targets[t] = tokens[t + 1]` where t + 1 is in the same segment, else 0; `loss_mask` is 1.0 exactly
+     there. The model must mask attention by `segment_ids` so no document sees another.
+  7. Batch `batch_size // process_count` rows; prefetch batches in a background thread.
+
+Batches are dicts of NumPy arrays of shape (B, T): `tokens`, `positions`, `segment_ids` (1, 2, ... per segment in
+the row, 0 = padding), `targets` (int32) and `loss_mask` (float32).
+
+What is not trained on: the last token of each segment has no target (for a document's last chunk that is EOS;
+for an earlier chunk the same pair is the first target of the next chunk, so nothing is lost there); padding;
+with a finite `num_epochs`, the rows of the trailing partial batch. Empty documents still give BOS EOS.
+Packing keeps up to `num_packing_bins` rows open, so documents of neighbouring epochs can share a row.
+
+`eval_batches` is the evaluation pass over a split: every document once, in order, packed the same way without
+shuffling, the last batch padded with empty rows (loss_mask 0), so summing loss over batches covers the split.
+"""
+
+from typing import Iterator
+
+import grain
+import jax
+import numpy as np
+
+from llama_hk.data.sources import TextSource
+from llama_hk.errors import UserError
+from llama_hk.tokenizer import Tokenizer
+
+BATCH_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask")
+
+
+def tokenize_document(text: str, tokenizer: Tokenizer) -> np.ndarray:
+  """BOS as the tokenizer adds it by default, the text, and EOS."""
+  return np.asarray(tokenizer.encode(text, add_eos=True), np.int32)
+
+
+def split_document(tokens: np.ndarray, seq_len: int) -> list[np.ndarray]:
+  """Chunks of at most seq_len tokens overlapping by one, so every (token, next token) pair is inside one chunk."""
+  if len(tokens) <= seq_len:
+    return [tokens]
+  stride = seq_len - 1
+  return [tokens[start:start + seq_len] for start in range(0, len(tokens) - 1, stride)]
+
+
+def add_targets(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A packed row (grain's `tokens`, `tokens_segment_ids`, `tokens_positions`) with its next-token targets."""
+  tokens = packed["tokens"]
+  segment_ids = packed["tokens_segment_ids"]
+  next_in_segment = (segment_ids[1:] == segment_ids[:-1]) & (segment_ids[1:] != 0)
+  targets = np.zeros_like(tokens)
+  targets[:-1] = np.where(next_in_segment, tokens[1:], 0)
+  loss_mask = np.zeros(tokens.shape, np.float32)
+  loss_mask[:-1] = next_in_segment
+  return {"tokens": tokens, "positions": packed["tokens_positions"], "segment_ids": segment_ids,
+          "targets": targets, "loss_mask": loss_mask}
+
+
+def _process_shard(source: TextSource, process_index: int | None, process_count: int | None) -> grain.MapDataset:
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise UserError(f"process_index={process_index} is not in [0, process_count={process_count})")
+  return grain.MapDataset.source(source)[process_index::process_count]
+
+
+def _per_process_batch(batch_size: int, process_count: int | None) -> int:
+  process_count = jax.process_count() if process_count is None else process_count
+  if batch_size <= 0 or batch_size % process_count:
+    raise UserError(f"batch_size={batch_size} must be a positive multiple of process_count={process_count}")
+  return batch_size // process_count
+
+
+def _packed_rows(documents: grain.MapDataset, tokenizer: Tokenizer, seq_len: int, num_packing_bins: int,
+                 seed: int, shuffle_rows: bool, read_threads: int) -> grain.IterDataset:
+  """Tokenized, chunked and packed rows with targets: stages 3 to 6."""
+  if seq_len < 2:
+    raise UserError(f"seq_len={seq_len} must be at least 2 (a token and its target)")
+  tokens = documents.map(lambda text: tokenize_document(text, tokenizer))
+  # Reading threads overlap tokenization with the rest of the pipeline; the order stays deterministic.
+  rows = tokens.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads))
+  chunks = grain.experimental.FlatMapIterDataset(rows, _SplitDocument(seq_len))
+  packed = grain.experimental.FirstFitPackIterDataset(
+      chunks, length_struct={"tokens": seq_len}, num_packing_bins=num_packing_bins, seed=seed,
+      shuffle_bins=shuffle_rows)
+  return packed.map(add_targets)
+
+
+class _SplitDocument(grain.experimental.FlatMapTransform):
+  """split_document as a grain flat map; max_fan_out only bounds the MapDataset variant, unused here."""
+
+  max_fan_out = 1
+
+  def __init__(self, seq_len: int):
+    self._seq_len = seq_len
+
+  def flat_map(self, tokens: np.ndarray) -> list[dict[str, np.ndarray]]:
+    return [{"tokens": chunk} for chunk in split_document(tokens, self._seq_len)]
+
+
+def make_pipeline(source: TextSource, tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int = 0,
+                  process_index: int | None = None, process_count: int | None = None, num_epochs: int | None = None,
+                  num_packing_bins: int = 16, read_threads: int = 2,
+                  prefetch_batches: int = 2) -> grain.DatasetIterator:
+  """The training iterator of one process: batches of `batch_size // process_count` packed rows.
+
+  process_index, process_count: this process's shard (default jax.process_index(), jax.process_count()).
+  num_epochs: None repeats forever. The returned iterator has get_state() / set_state() for checkpoints.
+  """
+  if not 0 <= seed < 2**32:
+    raise UserError(f"seed={seed} must be in [0, 2**32)")
+  per_process_batch = _per_process_batch(batch_size, process_count)
+  documents = _process_shard(source, process_index, process_count)
+  if not len(documents):
+    raise UserError(f"{source.description}: this process's shard has no documents")
+  documents = documents.shuffle(seed=seed).repeat(num_epochs)
+  rows = _packed_rows(documents, tokenizer, seq_len, num_packing_bins, seed, shuffle_rows=True,
+                      read_threads=read_threads)
+  batches = rows.batch(per_process_batch, drop_remainder=True)
+  return iter(grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch_batches))
+
+
+def eval_batches(source: TextSource, tokenizer: Tokenizer, seq_len: int, batch_size: int,
+                 process_index: int | None = None, process_count: int | None = None,
+                 num_packing_bins: int = 16) -> Iterator[dict[str, np.ndarray]]:
+  """One in-order pass over this process's shard of a split, packed; the last batch is padded with empty rows.
+
+  Processes can get different numbers of batches when the shards differ in size.
+  """
+  per_process_batch = _per_process_batch(batch_size, process_count)
+  documents = _process_shard(source, process_index, process_count)
+  if not len(documents):
+    return
+  rows = _packed_rows(documents, tokenizer, seq_len, num_packing_bins, seed=0, shuffle_rows=False, read_threads=2)
+  for batch in rows.batch(per_process_batch, drop_remainder=False):
+    missing = per_process_batch - len(batch["tokens"])
+    if missing:
+      batch = {key: np.concatenate([value, np.zeros((missing, seq_len), value.dtype)]) for key, value in batch.items()}
+    yield batch

@@ -1,0 +1,239 @@
+"""The LLaMA decoder in Haiku.
+
+Shape glossary:
+  B batch, T query time, S key time (the cache length, or T without a cache), D d_model,
+  N query heads, G key-value heads, H query heads per key-value head (N // G), K head dim,
+  F d_ff, V vocab, L layers.
+
+RoPE uses Hugging Face's rotate-half layout: frequency i rotates the pair (i, i + K/2) of a head, not the
+adjacent pair (2i, 2i + 1) of Meta's original code. llama.cpp's GGUF files store Q and K rows permuted to the
+adjacent layout; `llama_hk.convert` undoes that on import.
+
+Parameter tree (every leaf under `decoder` has a leading L axis; the layers run in a `scan`, so compile time
+does not grow with depth):
+  embedding/embeddings                                    (V, D)
+  decoder/input_norm/scale                                (L, D)
+  decoder/attention/{q_proj, k_proj, v_proj, out_proj}    (L, D, N, K), (L, D, G, K), (L, D, G, K), (L, N, K, D)
+  decoder/post_attn_norm/scale                            (L, D)
+  decoder/mlp/{gate_proj, up_proj, down_proj}             (L, D, F), (L, D, F), (L, F, D)
+  norm/scale                                              (D,)
+  lm_head/w                                               (D, V), absent with tied embeddings
+
+Numerics: parameters are stored in `param_dtype` and cast to `compute_dtype` where used; RMSNorm statistics,
+attention logits and softmax, and the output logits are float32 whatever the compute dtype.
+"""
+
+from typing import NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_hk.config import LlamaConfig
+from llama_hk import sharding
+
+_INIT_STDDEV = 0.02  # Hugging Face's `initializer_range` for LLaMA.
+_REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer, written at `end_index` (per row) by each forward pass."""
+  k: jax.Array  # (L, B, S, G, K)
+  v: jax.Array  # (L, B, S, G, K)
+  end_index: jax.Array  # (B,) int32: slots filled so far in each row.
+
+
+def init_cache(config: LlamaConfig, batch: int, length: int) -> KVCache:
+  shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+  zeros = jnp.zeros(shape, config.compute_dtype)  # (L, B, S, G, K)
+  return KVCache(k=zeros, v=zeros, end_index=jnp.zeros((batch,), jnp.int32))
+
+
+def rope_frequencies(config: LlamaConfig) -> np.ndarray:
+  """Inverse frequencies (K/2,), computed in float32 as transformers does, with linear or llama3 scaling."""
+  k = config.head_dim
+  inv_freq = (1.0 / (np.float32(config.rope_theta) ** (np.arange(0, k, 2, dtype=np.float32) / np.float32(k))))
+  inv_freq = inv_freq.astype(np.float32)  # (K/2,)
+  if config.rope_scaling == "linear":
+    inv_freq = inv_freq / np.float32(config.rope_scaling_factor)
+  elif config.rope_scaling == "llama3":
+    factor = np.float32(config.rope_scaling_factor)
+    low, high = np.float32(config.rope_low_freq_factor), np.float32(config.rope_high_freq_factor)
+    old_len = np.float32(config.rope_original_max_len)
+    wavelen = np.float32(2 * np.pi) / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    inv_freq = np.where(is_medium, smoothed, scaled).astype(np.float32)
+  return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotates x (B, T, heads, K) by its positions (B, T) in the rotate-half layout."""
+  angles = positions.astype(jnp.float32)[:, :, None] * inv_freq  # (B, T, K/2)
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # (B, T, 1, K)
+  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)  # (B, T, 1, K)
+  x1, x2 = jnp.split(x, 2, axis=-1)  # (B, T, heads, K/2) each
+  rotated = jnp.concatenate([-x2, x1], axis=-1)  # (B, T, heads, K)
+  return x * cos + rotated * sin  # (B, T, heads, K)
+
+
+def _param(name, shape, config: LlamaConfig, init=None):
+  init = init or hk.initializers.TruncatedNormal(_INIT_STDDEV)
+  return hk.get_parameter(name, shape, config.param_dtype, init=init).astype(config.compute_dtype)
+
+
+class RMSNorm(hk.Module):
+  """x / rms(x) * scale, the statistics in float32."""
+
+  def __init__(self, config: LlamaConfig, name: str | None = None):
+    super().__init__(name=name)
+    self.config = config
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = hk.get_parameter("scale", [x.shape[-1]], self.config.param_dtype, init=jnp.ones)  # (D,)
+    x32 = x.astype(jnp.float32)  # (B, T, D)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.norm_eps)  # (B, T, D)
+    return (scale.astype(jnp.float32) * normed.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
+
+
+def attention_mask(positions_q, segment_ids, cache_end=None, cache_len=None):
+  """Which keys each query sees: (B, T, S) booleans.
+
+  Without a cache: causal within a segment (packed documents and padding, segment 0, never mix).
+  With a cache: slots up to the query's own slot, since a cached row is one contiguous sequence.
+  """
+  if cache_end is None:
+    t = segment_ids.shape[1]
+    causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # (T, S)
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, S)
+    return causal[None] & same_segment
+  query_slots = cache_end[:, None] + jnp.arange(positions_q.shape[1])[None, :]  # (B, T)
+  return jnp.arange(cache_len)[None, None, :] <= query_slots[:, :, None]  # (B, T, S)
+
+
+class Attention(hk.Module):
+  """Grouped-query attention: G key-value heads shared by H = N / G query heads each (MHA: G = N; MQA: G = 1)."""
+
+  def __init__(self, config: LlamaConfig, name: str | None = None):
+    super().__init__(name=name)
+    self.config = config
+
+  def __call__(self, x, positions, mask, cache_kv=None, cache_end=None):
+    """x (B, T, D); mask (B, T, S); cache_kv: ((B, S, G, K), (B, S, G, K)) or None."""
+    c = self.config
+    d, n, g, k = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
+    q = jnp.einsum("BTD,DNK->BTNK", x, _param("q_proj", [d, n, k], c))  # (B, T, N, K)
+    key = jnp.einsum("BTD,DGK->BTGK", x, _param("k_proj", [d, g, k], c))  # (B, T, G, K)
+    value = jnp.einsum("BTD,DGK->BTGK", x, _param("v_proj", [d, g, k], c))  # (B, T, G, K)
+    inv_freq = rope_frequencies(c)
+    q = apply_rope(q, positions, inv_freq)  # (B, T, N, K)
+    key = apply_rope(key, positions, inv_freq)  # (B, T, G, K)
+    if cache_kv is not None:
+      write = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice_in_dim(buf, new, start, axis=0))
+      key = write(cache_kv[0], key.astype(cache_kv[0].dtype), cache_end)  # (B, S, G, K)
+      value = write(cache_kv[1], value.astype(cache_kv[1].dtype), cache_end)  # (B, S, G, K)
+      cache_kv = (key, value)
+    b, t = x.shape[:2]
+    q = q.reshape(b, t, g, n // g, k)  # (B, T, G, H, K)
+    logits = jnp.einsum("BTGHK,BSGK->BGHTS", q, key, preferred_element_type=jnp.float32)  # (B, G, H, T, S)
+    logits = logits * (k ** -0.5)
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)  # (B, G, H, T, S)
+    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)  # (B, G, H, T, S)
+    out = jnp.einsum("BGHTS,BSGK->BTGHK", probs, value).reshape(b, t, n, k)  # (B, T, N, K)
+    out = jnp.einsum("BTNK,NKD->BTD", out, _param("out_proj", [n, k, d], c))  # (B, T, D)
+    return out, cache_kv
+
+
+class MLP(hk.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: LlamaConfig, name: str | None = None):
+    super().__init__(name=name)
+    self.config = config
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    gate = jnp.einsum("BTD,DF->BTF", x, _param("gate_proj", [c.d_model, c.d_ff], c))  # (B, T, F)
+    up = jnp.einsum("BTD,DF->BTF", x, _param("up_proj", [c.d_model, c.d_ff], c))  # (B, T, F)
+    hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))  # (B, T, F)
+    return jnp.einsum("BTF,FD->BTD", hidden, _param("down_proj", [c.d_ff, c.d_model], c))  # (B, T, D)
+
+
+class DecoderBlock(hk.Module):
+  """Pre-norm residual block: attention then MLP. Transparent, so its parameters sit under `decoder/`."""
+
+  def __init__(self, config: LlamaConfig, name: str | None = None):
+    super().__init__(name=name)
+    self.config = config
+
+  @hk.transparent
+  def __call__(self, x, positions, mask, cache_kv=None, cache_end=None):
+    attn_out, cache_kv = Attention(self.config, name="attention")(
+        RMSNorm(self.config, name="input_norm")(x), positions, mask, cache_kv, cache_end)
+    x = x + attn_out  # (B, T, D)
+    x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attn_norm")(x))  # (B, T, D)
+    return sharding.constrain(x, ("batch", "length", "embed")), cache_kv
+
+
+def make_forward(config: LlamaConfig) -> hk.Transformed:
+  """The transformed model: `init(rng, tokens)`, `apply(params, tokens, positions, segment_ids, cache)`."""
+  return hk.without_apply_rng(hk.transform(lambda *args, **kwargs: Llama(config)(*args, **kwargs)))
+
+
+class Llama(hk.Module):
+  """Tokens to float32 logits, optionally reading and extending a KV cache."""
+
+  def __init__(self, config: LlamaConfig):
+    super().__init__(name=None)
+    self.config = config
+
+  @hk.transparent
+  def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
+    """tokens, positions, segment_ids: (B, T) int32. Returns logits (B, T, V) and the extended cache (or None).
+
+    segment_ids: packed documents carry 1, 2, ...; padding carries 0. With a cache, the row's padding must
+    come last: its cache end advances by the row's non-padding tokens only.
+    """
+    c = self.config
+    b, t = tokens.shape
+    if positions is None:
+      base = jnp.zeros((b,), jnp.int32) if cache is None else cache.end_index
+      positions = base[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # (B, T)
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, t), jnp.int32)  # (B, T)
+    with hk.name_scope("embedding"):
+      embeddings = hk.get_parameter("embeddings", [c.vocab_size, c.d_model], c.param_dtype,
+                                    init=hk.initializers.TruncatedNormal(_INIT_STDDEV))  # (V, D)
+    x = jnp.take(embeddings, tokens, axis=0).astype(c.compute_dtype)  # (B, T, D)
+    x = sharding.constrain(x, ("batch", "length", "embed"))
+    cache_end = None if cache is None else cache.end_index
+    mask = attention_mask(positions, segment_ids, cache_end, None if cache is None else cache.k.shape[2])
+
+    def block(x, *layer_cache):
+      return DecoderBlock(c)(x, positions, mask, layer_cache or None, cache_end)
+
+    policy = _REMAT_POLICIES[c.remat_policy]
+    if policy is not None:
+      block = hk.remat(block, policy=policy)
+    if cache is None:
+      x = hk.layer_stack(c.num_layers, name="decoder")(lambda x: block(x)[0])(x)  # (B, T, D)
+      new_cache = None
+    else:
+      x, (k, v) = hk.layer_stack(c.num_layers, with_per_layer_inputs=True, name="decoder")(block)(
+          x, cache.k, cache.v)  # (B, T, D), (L, B, S, G, K) x 2
+      new_cache = KVCache(k=k, v=v, end_index=cache.end_index + jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32))
+    x = RMSNorm(c, name="norm")(x)  # (B, T, D)
+    if c.tie_embeddings:
+      head = embeddings.astype(c.compute_dtype).T  # (D, V)
+    else:
+      with hk.name_scope("lm_head"):
+        head = _param("w", [c.d_model, c.vocab_size], c)  # (D, V)
+    logits = jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)  # (B, T, V)
+    return logits, new_cache

@@ -1,0 +1,145 @@
+"""The one table that maps every parameter between llama_hk, Hugging Face and GGUF, driving both directions.
+
+Each row names a parameter three ways and says how its layout relates to Hugging Face's:
+  "copy":   the same array (norm scales, the embedding table).
+  "linear": a torch `nn.Linear` weight (out, in); ours is its transpose with the in and out axes unflattened,
+            e.g. q_proj (D, N, K) <-> (N*K, D).
+GGUF stores tensors in Hugging Face's layout, except that llama.cpp permutes the rows of Q and K from the
+rotate-half RoPE layout to the adjacent-pair one; `gguf_heads` names the head count that permutation used.
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from llama_hk.config import LlamaConfig
+from llama_hk.errors import UserError
+
+_DIMS = {
+    "V": "vocab_size", "D": "d_model", "N": "num_heads", "G": "num_kv_heads", "K": "head_dim", "F": "d_ff",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+  module: str  # Haiku module path.
+  name: str  # Haiku parameter name.
+  hf: str  # Hugging Face name; "{i}" stands for the layer.
+  gguf: str  # GGUF name; "{i}" stands for the layer.
+  shape: str  # Our per-layer shape in glossary letters.
+  layout: str = "copy"  # "copy" or "linear".
+  n_in: int = 1  # For "linear": how many leading axes of our shape are the input.
+  gguf_heads: str | None = None  # For Q and K: the config field llama.cpp's permutation used.
+
+  @property
+  def stacked(self) -> bool:
+    return "{i}" in self.hf
+
+  def our_shape(self, config: LlamaConfig) -> tuple[int, ...]:
+    return tuple(getattr(config, _DIMS[letter]) for letter in self.shape)
+
+  def hf_shape(self, config: LlamaConfig) -> tuple[int, ...]:
+    shape = self.our_shape(config)
+    if self.layout == "linear":
+      return (math.prod(shape[self.n_in:]), math.prod(shape[:self.n_in]))
+    return shape
+
+  def to_ours(self, hf_array: np.ndarray, config: LlamaConfig) -> np.ndarray:
+    if self.layout == "linear":
+      return hf_array.T.reshape(self.our_shape(config))
+    return hf_array.reshape(self.our_shape(config))
+
+  def to_hf(self, array: np.ndarray, config: LlamaConfig) -> np.ndarray:
+    if self.layout == "linear":
+      rows, cols = self.hf_shape(config)
+      return np.ascontiguousarray(array.reshape(cols, rows).T)
+    return np.asarray(array)
+
+
+TABLE = (
+    Param("embedding", "embeddings", "model.embed_tokens.weight", "token_embd.weight", "VD"),
+    Param("decoder/input_norm", "scale", "model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight", "D"),
+    Param("decoder/attention", "q_proj", "model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight",
+          "DNK", "linear", 1, gguf_heads="num_heads"),
+    Param("decoder/attention", "k_proj", "model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight",
+          "DGK", "linear", 1, gguf_heads="num_kv_heads"),
+    Param("decoder/attention", "v_proj", "model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight",
+          "DGK", "linear", 1),
+    Param("decoder/attention", "out_proj", "model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight",
+          "NKD", "linear", 2),
+    Param("decoder/post_attn_norm", "scale", "model.layers.{i}.post_attention_layernorm.weight",
+          "blk.{i}.ffn_norm.weight", "D"),
+    Param("decoder/mlp", "gate_proj", "model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight",
+          "DF", "linear", 1),
+    Param("decoder/mlp", "up_proj", "model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight", "DF", "linear", 1),
+    Param("decoder/mlp", "down_proj", "model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight",
+          "FD", "linear", 1),
+    Param("norm", "scale", "model.norm.weight", "output_norm.weight", "D"),
+    Param("lm_head", "w", "lm_head.weight", "output.weight", "DV", "linear", 1),
+)
+
+
+def table(config: LlamaConfig) -> tuple[Param, ...]:
+  """The rows present in this config's model (no lm_head with tied embeddings)."""
+  return tuple(p for p in TABLE if not (p.module == "lm_head" and config.tie_embeddings))
+
+
+def unpermute_gguf_rows(array: np.ndarray, heads: int) -> np.ndarray:
+  """Undoes llama.cpp's Q/K row permutation (rotate-half -> adjacent pairs) for a (heads*K, D) weight."""
+  rows = array.shape[0]
+  return array.reshape(heads, rows // heads // 2, 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
+
+
+def params_from_tensors(get: Callable[[str], np.ndarray], config: LlamaConfig, naming: str = "hf",
+                        dtype: str | None = None, source: str = "checkpoint") -> dict:
+  """Builds the Haiku parameter tree one tensor at a time from a name -> array lookup.
+
+  `get` returns HF-layout arrays (memory-mapped is best): stacked leaves are preallocated and filled layer by
+  layer, so the peak memory is the output plus one tensor. `naming` is "hf" or "gguf" (GGUF rows of Q and K are
+  unpermuted here). A missing name or a shape that disagrees with the config raises UserError naming `source`.
+  """
+  dtype = np.dtype(dtype or config.param_dtype)
+  params: dict[str, dict[str, np.ndarray]] = {}
+  for p in table(config):
+    template = p.hf if naming == "hf" else p.gguf
+    layers = range(config.num_layers) if p.stacked else [None]
+    out = np.empty(((config.num_layers,) if p.stacked else ()) + p.our_shape(config), dtype)
+    for i in layers:
+      name = template.format(i=i)
+      try:
+        array = get(name)
+      except KeyError:
+        raise UserError(f"{source}: tensor {name} is missing") from None
+      if array.shape != p.hf_shape(config):
+        raise UserError(f"{source}: tensor {name} has shape {tuple(array.shape)}, the config implies "
+                        f"{p.hf_shape(config)}")
+      if naming == "gguf" and p.gguf_heads:
+        array = unpermute_gguf_rows(np.asarray(array), getattr(config, p.gguf_heads))
+      converted = p.to_ours(np.asarray(array), config)
+      if i is None:
+        out[...] = converted
+      else:
+        out[i] = converted
+    params.setdefault(p.module, {})[p.name] = out
+  return params
+
+
+def params_from_hf(tensors: Mapping[str, np.ndarray], config: LlamaConfig, dtype: str | None = None) -> dict:
+  return params_from_tensors(tensors.__getitem__, config, "hf", dtype)
+
+
+def hf_tensors(params: Mapping, config: LlamaConfig):
+  """(HF name, HF shape, make) for every tensor: `make()` builds its HF-layout array only when called."""
+  out = []
+  for p in table(config):
+    leaf = params[p.module][p.name]
+    for i in range(config.num_layers) if p.stacked else [None]:
+      part = leaf if i is None else leaf[i]
+      out.append((p.hf.format(i=i), p.hf_shape(config), lambda p=p, part=part: p.to_hf(np.asarray(part), config)))
+  return out
+
+
+def params_to_hf(params: Mapping, config: LlamaConfig) -> dict[str, np.ndarray]:
+  return {name: make() for name, _, make in hf_tensors(params, config)}
