@@ -321,12 +321,18 @@ def _check_tree(params, config: LlamaConfig, source: str) -> None:
                       f"implies {expected}")
 
 
+def check_output_dir(path: str | os.PathLike) -> None:
+  """Fails early (before any reading) when `path` would not be a fresh output directory."""
+  path = pathlib.Path(path)
+  if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    raise UserError(f"{path}: already exists and is not an empty directory")
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike):
   """Yields a temporary sibling of `path` and renames it to `path` only if the block succeeds."""
   path = pathlib.Path(path)
-  if path.exists() and (not path.is_dir() or any(path.iterdir())):
-    raise UserError(f"{path}: already exists and is not an empty directory")
+  check_output_dir(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,7 @@
 """What every binary shares: one-line errors, multi-host setup, the compilation cache, gin parsing."""
 
 import os
+import pathlib
 import sys
 
 from absl import app
@@ -12,6 +13,8 @@ from llama_hk.errors import UserError
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for jax.distributed (multi-host runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+flags.DEFINE_multi_string("gin_file", [], "gin files, applied in order.")
+flags.DEFINE_multi_string("gin_bindings", [], "gin bindings applied after the files; `--gin.X=Y` is shorthand.")
 flags.DEFINE_string("compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "llama_hk", "jax"),
                     "JAX persistent compilation cache; empty to disable.")
 
@@ -26,8 +29,7 @@ def setup_jax() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   if FLAGS.coordinator_address or FLAGS.num_processes:
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # Only CPU devices use it.
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
                                process_id=FLAGS.process_id)
 
@@ -37,10 +39,33 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def parse_gin() -> None:
+  """Parses --gin_file then --gin_bindings; include paths resolve against the repo root too."""
+  import gin
+  if (REPO_ROOT / "gin").is_dir():
+    gin.add_config_file_search_path(str(REPO_ROOT))
+  try:
+    gin.parse_config_files_and_bindings(FLAGS.gin_file, FLAGS.gin_bindings, finalize_config=False)
+  except (ValueError, IOError, SyntaxError) as e:
+    raise UserError(f"gin: {str(e).splitlines()[0]}") from None
+
+
+def _expand_gin_shorthand(argv: list[str]) -> list[str]:
+  """t5x's `--gin.X=Y` becomes `--gin_bindings=X = Y`."""
+  return [f"--gin_bindings={a[len('--gin.'):].split('=', 1)[0]} = {a.split('=', 1)[1]}"
+          if a.startswith("--gin.") and "=" in a else a for a in argv]
+
+
 def run(main) -> None:
   """absl's app.run, with bad input reported as one line on stderr and exit status 1."""
+  sys.argv = _expand_gin_shorthand(sys.argv)
 
   def guarded(argv):
+    if not FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)  # Library INFO chatter (XLA, Orbax) hides the results.
     try:
       return main(argv)
     except UserError as e:

@@ -58,3 +58,25 @@ def smollm2_hf_dir(smollm2_gguf) -> pathlib.Path:
   tokenizer.save_pretrained(tmp)
   tmp.rename(out)
   return out
+
+
+@pytest.fixture(scope="session")
+def shakespeare_data_dir(shakespeare_dir, tmp_path_factory) -> pathlib.Path:
+  """A TFDS data_dir with the `shakespeare` dataset prepared (array_record) from the shared texts."""
+  import tensorflow_datasets as tfds
+  from llama_hk.data import sources
+
+  tfds.disable_progress_bar()
+  data_dir = tmp_path_factory.mktemp("tfds")
+  sources.shakespeare("train", str(data_dir), source_dir=str(shakespeare_dir))
+  return data_dir
+
+
+@pytest.fixture(scope="session")
+def shakespeare_tokenizer_dir(shakespeare_data_dir, shakespeare_dir, tmp_path_factory) -> pathlib.Path:
+  """A small (2000-piece) LLaMA-style tokenizer trained on the first 1.5M characters of the training works."""
+  from llama_hk.data import sources, tokenizer_training
+
+  train = sources.shakespeare("train", str(shakespeare_data_dir), source_dir=str(shakespeare_dir))
+  output = tmp_path_factory.mktemp("tokenizer") / "shakespeare_2000"
+  return tokenizer_training.train_tokenizer(train, output, vocab_size=2000, max_input_chars=1_500_000)

@@ -9,7 +9,7 @@ needs no TensorFlow.
 """
 
 import importlib
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
@@ -30,6 +30,10 @@ class TextSource(Sequence[str]):
 
   def __getitem__(self, index: int) -> str:
     return self._text(self._data_source[index])
+
+  def __iter__(self) -> Iterator[str]:
+    for index in range(len(self)):
+      yield self[index]
 
   def __getitems__(self, indices: Sequence[int]) -> list[str]:
     """Batched reads, which ArrayRecord serves faster than one by one."""
