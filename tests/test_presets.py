@@ -1,0 +1,52 @@
+"""The gin presets define the published model sizes, and README's parameter table is the code's own count."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from llama_hk import cli
+from llama_hk.config import num_params
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+KNOWN = {  # Published parameter counts.
+    "7b": 6_738_415_616,
+    "llama2_7b": 6_738_415_616,
+    "llama2_13b": 13_015_864_320,
+    "llama2_70b": 68_976_648_192,
+    "llama3_8b": 8_030_261_248,
+    "smollm2_135m": 134_515_008,
+}
+
+
+def preset(name):
+  return cli.gin_model_config([str(REPO / "gin" / "models" / f"{name}.gin")])
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN))
+def test_known_parameter_counts(name):
+  assert num_params(preset(name)) == KNOWN[name]
+
+
+def test_llama_7b_without_lm_head_is_the_seed_figure():
+  assert num_params(preset("7b"), with_lm_head=False) == 6_607_343_616
+
+
+def test_llama2_70b_uses_grouped_query_attention():
+  config = preset("llama2_70b")
+  assert (config.num_heads, config.num_kv_heads, config.head_dim) == (64, 8, 128)
+
+
+def test_readme_parameter_table_is_generated_from_the_presets():
+  table = subprocess.run([sys.executable, str(REPO / "bin" / "param_table")], check=True, capture_output=True,
+                         text=True).stdout.strip()
+  assert len(table.splitlines()) == 2 + len(list((REPO / "gin" / "models").glob("*.gin")))
+  assert table in (REPO / "README.md").read_text()
+
+
+def test_gin_override_reaches_the_config():
+  config = cli.gin_model_config([str(REPO / "gin" / "models" / "tiny.gin")],
+                                ["config.LlamaConfig.compute_dtype = 'bfloat16'", "VOCAB_SIZE = 512"])
+  assert (config.compute_dtype, config.vocab_size) == ("bfloat16", 512)
