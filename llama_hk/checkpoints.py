@@ -9,6 +9,7 @@ it takes the latest step. Every reader streams tensor by tensor through `param_n
 """
 
 import contextlib
+import functools
 import json
 import os
 import pathlib
@@ -29,6 +30,7 @@ TRAINING_CHECKPOINTS_DIR = "checkpoints"
 _HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                     "pytorch_model.bin.index.json")
 _MAX_SHARD_BYTES = 5 * 2**30
+_CONCURRENT_GB = 0.25
 
 
 class Checkpoint(NamedTuple):
@@ -69,16 +71,46 @@ def load_config(path: str | os.PathLike) -> LlamaConfig:
   return LlamaConfig.from_json((path / CONFIG_FILE).read_text(), str(path / CONFIG_FILE))
 
 
-def load(path: str | os.PathLike, dtype: str | None = None, **config_overrides) -> Checkpoint:
-  """Loads any checkpoint kind as NumPy parameters (in `dtype`, default the stored one)."""
+class DeviceLeaf:
+  """A parameter assembled on device, one layer at a time, by in-place (donated) updates."""
+
+  def __init__(self, module: str, name: str, shape: tuple[int, ...], dtype):
+    import jax.numpy as jnp
+    del module, name
+    self.array = jnp.zeros(shape, dtype)
+
+  def set(self, layer: int | None, value: np.ndarray) -> None:
+    import jax
+    self.array = jax.device_put(value) if layer is None else _set_layer()(self.array, value, layer)
+
+  def finish(self):
+    return self.array
+
+
+@functools.cache
+def _set_layer():
+  """buffer.at[layer].set(value), in place: the buffer is donated and the layer index is traced."""
+  import jax
+  return jax.jit(lambda buffer, value, layer: buffer.at[layer].set(value), donate_argnums=0)
+
+
+def load(path: str | os.PathLike, dtype: str | None = None, on_device: bool = True,
+         **config_overrides) -> Checkpoint:
+  """Loads any checkpoint kind (parameters in `dtype`, default the stored one).
+
+  Parameters are assembled on the default device (or, with on_device=False, as NumPy arrays, for export)
+  layer by layer, so the peak memory is the parameters plus one tensor. `config_overrides` replace config
+  fields (e.g. compute_dtype).
+  """
   path = pathlib.Path(path)
   kind = detect_kind(path)
+  leaf_type = DeviceLeaf if on_device else param_names.HostLeaf
   if kind == "hf":
-    config, params, tokenizer = _load_hf(path, dtype)
+    config, params, tokenizer = _load_hf(path, dtype, leaf_type)
   elif kind == "gguf":
-    config, params, tokenizer = _load_gguf(path, dtype)
+    config, params, tokenizer = _load_gguf(path, dtype, leaf_type)
   else:
-    config, params, tokenizer = _load_own(path, kind, dtype)
+    config, params, tokenizer = _load_own(path, kind, dtype, on_device)
   if dtype:
     config = config.replace(param_dtype=dtype)
   return Checkpoint(config.replace(**config_overrides), params, tokenizer)
@@ -157,9 +189,9 @@ def _torch_state_dict(path: pathlib.Path) -> dict[str, np.ndarray]:
   return Lookup()
 
 
-def _load_hf(path: pathlib.Path, dtype: str | None):
+def _load_hf(path: pathlib.Path, dtype: str | None, leaf_type):
   config = load_hf_config(str(path / "config.json"))
-  params = param_names.params_from_tensors(_hf_tensor_lookup(path), config, "hf", dtype, source=str(path))
+  params = param_names.params_from_tensors(_hf_tensor_lookup(path), config, "hf", dtype, str(path), leaf_type)
   return config, params, _tokenizer_from(path)
 
 
@@ -229,11 +261,11 @@ def _gguf_tensor_lookup(reader, source: str):
   return get
 
 
-def _load_gguf(path: pathlib.Path, dtype: str | None):
+def _load_gguf(path: pathlib.Path, dtype: str | None, leaf_type):
   reader = _open_gguf(path)
   config = _gguf_config(reader, str(path))
   params = param_names.params_from_tensors(_gguf_tensor_lookup(reader, str(path)), config, "gguf",
-                                           dtype or "float32", source=str(path))
+                                           dtype or "float32", str(path), leaf_type)
   return config.replace(param_dtype=dtype or "float32"), params, gguf_tokenizer(reader, str(path))
 
 
@@ -292,7 +324,7 @@ def latest_step(model_dir: pathlib.Path) -> int | None:
   return max(steps, default=None)
 
 
-def _load_own(path: pathlib.Path, kind: str, dtype: str | None):
+def _load_own(path: pathlib.Path, kind: str, dtype: str | None, on_device: bool):
   import orbax.checkpoint as ocp
   config = LlamaConfig.from_json((path / CONFIG_FILE).read_text(), str(path / CONFIG_FILE))
   params_dir = path / PARAMS_DIR
@@ -302,11 +334,17 @@ def _load_own(path: pathlib.Path, kind: str, dtype: str | None):
       raise UserError(f"{path}: training directory with no finished checkpoint")
     params_dir = path / TRAINING_CHECKPOINTS_DIR / str(step) / PARAMS_DIR
   try:
-    params = ocp.StandardCheckpointer().restore(params_dir.resolve())
+    handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=_concurrent_gb(config))
+    params = ocp.Checkpointer(handler).restore(params_dir.resolve(), args=ocp.args.StandardRestore())
   except Exception as e:  # Orbax raises several types for missing or corrupt checkpoints.
     raise UserError(f"{params_dir}: unreadable Orbax checkpoint ({type(e).__name__})") from None
-  params = {m: {n: np.asarray(v, dtype=dtype or v.dtype) for n, v in leaves.items()} for m, leaves in params.items()}
   _check_tree(params, config, str(params_dir))
+  for leaves in params.values():
+    for name, value in leaves.items():
+      if not on_device:
+        leaves[name] = np.asarray(value, dtype=dtype or value.dtype)
+      elif dtype and value.dtype != np.dtype(dtype):
+        leaves[name] = value.astype(dtype)
   return config, params, _tokenizer_from(path)
 
 
@@ -319,6 +357,13 @@ def _check_tree(params, config: LlamaConfig, source: str) -> None:
     if tuple(leaf.shape) != expected:
       raise UserError(f"{source}: parameter {p.module}/{p.name} has shape {tuple(leaf.shape)}, the config "
                       f"implies {expected}")
+
+
+def _concurrent_gb(config: LlamaConfig) -> float:
+  """Orbax's in-flight budget: small, so it does not copy every array at once, but fitting the largest one."""
+  largest = max(np.prod(p.our_shape(config)) * (config.num_layers if p.stacked else 1)
+                for p in param_names.table(config))
+  return max(_CONCURRENT_GB, float(largest) * 4 / 1e9 * 1.01)  # 4 bytes: float32, the widest dtype stored.
 
 
 def check_output_dir(path: str | os.PathLike) -> None:
@@ -353,9 +398,9 @@ def save(path: str | os.PathLike, config: LlamaConfig, params, tokenizer: Tokeni
     (tmp / CONFIG_FILE).write_text(config.to_json())
     if tokenizer is not None:
       tokenizer.save(tmp)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save((tmp / PARAMS_DIR).resolve(), params)
-    checkpointer.wait_until_finished()
+    # Synchronous, and a small in-flight budget: Orbax otherwise copies every array to host memory first.
+    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=_concurrent_gb(config)))
+    checkpointer.save((tmp / PARAMS_DIR).resolve(), args=ocp.args.StandardSave(params))
 
 
 def export_hf(path: str | os.PathLike, config: LlamaConfig, params, tokenizer: Tokenizer | None,

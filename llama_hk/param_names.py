@@ -92,21 +92,38 @@ def unpermute_gguf_rows(array: np.ndarray, heads: int) -> np.ndarray:
   return array.reshape(heads, rows // heads // 2, 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
 
 
+class HostLeaf:
+  """A parameter assembled in host memory, layer by layer."""
+
+  def __init__(self, module: str, name: str, shape: tuple[int, ...], dtype):
+    del module, name
+    self.array = np.empty(shape, dtype)
+
+  def set(self, layer: int | None, value: np.ndarray) -> None:
+    if layer is None:
+      self.array[...] = value
+    else:
+      self.array[layer] = value
+
+  def finish(self):
+    return self.array
+
+
 def params_from_tensors(get: Callable[[str], np.ndarray], config: LlamaConfig, naming: str = "hf",
-                        dtype: str | None = None, source: str = "checkpoint") -> dict:
+                        dtype: str | None = None, source: str = "checkpoint", leaf_type=HostLeaf) -> dict:
   """Builds the Haiku parameter tree one tensor at a time from a name -> array lookup.
 
-  `get` returns HF-layout arrays (memory-mapped is best): stacked leaves are preallocated and filled layer by
-  layer, so the peak memory is the output plus one tensor. `naming` is "hf" or "gguf" (GGUF rows of Q and K are
-  unpermuted here). A missing name or a shape that disagrees with the config raises UserError naming `source`.
+  `get` returns HF-layout arrays. Each leaf is a `leaf_type(module, name, shape, dtype)` filled layer by layer
+  (HostLeaf: NumPy; checkpoints.DeviceLeaf: device buffers updated in place), so the peak memory is the output
+  plus one tensor. `naming` is "hf" or "gguf" (GGUF rows of Q and K are unpermuted here). A missing name or a
+  shape that disagrees with the config raises UserError naming `source`.
   """
   dtype = np.dtype(dtype or config.param_dtype)
-  params: dict[str, dict[str, np.ndarray]] = {}
+  params: dict[str, dict] = {}
   for p in table(config):
     template = p.hf if naming == "hf" else p.gguf
-    layers = range(config.num_layers) if p.stacked else [None]
-    out = np.empty(((config.num_layers,) if p.stacked else ()) + p.our_shape(config), dtype)
-    for i in layers:
+    leaf = leaf_type(p.module, p.name, ((config.num_layers,) if p.stacked else ()) + p.our_shape(config), dtype)
+    for i in range(config.num_layers) if p.stacked else [None]:
       name = template.format(i=i)
       try:
         array = get(name)
@@ -117,12 +134,8 @@ def params_from_tensors(get: Callable[[str], np.ndarray], config: LlamaConfig, n
                         f"{p.hf_shape(config)}")
       if naming == "gguf" and p.gguf_heads:
         array = unpermute_gguf_rows(np.asarray(array), getattr(config, p.gguf_heads))
-      converted = p.to_ours(np.asarray(array), config)
-      if i is None:
-        out[...] = converted
-      else:
-        out[i] = converted
-    params.setdefault(p.module, {})[p.name] = out
+      leaf.set(i, p.to_ours(np.asarray(array), config).astype(dtype, copy=False))
+    params.setdefault(p.module, {})[p.name] = leaf.finish()
   return params
 
 

@@ -1,7 +1,8 @@
-"""Safetensors read through a memory map and written tensor by tensor, with bfloat16 and no framework.
+"""Safetensors read and written tensor by tensor, with bfloat16 and no framework.
 
-The `safetensors` package's NumPy API cannot represent bfloat16; this reader hands out zero-copy NumPy views
-(bfloat16 via ml_dtypes), which is what lets conversion stream a checkpoint larger than memory.
+The `safetensors` package's NumPy API cannot represent bfloat16 (here it comes from ml_dtypes). Tensors are
+read with positioned reads rather than a memory map, so pages of tensors already converted do not stay
+resident: that is what keeps conversion's peak memory near the size of its output.
 """
 
 import json
@@ -22,7 +23,7 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 class SafetensorsFile:
-  """A read-only view of one .safetensors file; `get(name)` returns a memory-mapped array."""
+  """A read-only view of one .safetensors file; `get(name)` reads one tensor."""
 
   def __init__(self, path: str):
     self.path = path
@@ -43,7 +44,6 @@ class SafetensorsFile:
     data_len = max((e["data_offsets"][1] for e in header.values()), default=0)
     if self._data_start + data_len > size:
       raise UserError(f"{path}: truncated safetensors file ({size} bytes, tensors need {self._data_start + data_len})")
-    self._map = np.memmap(path, dtype=np.uint8, mode="r") if size > self._data_start else None
 
   def keys(self):
     return self._entries.keys()
@@ -56,7 +56,11 @@ class SafetensorsFile:
     if entry["dtype"] not in _DTYPES:
       raise UserError(f"{self.path}: tensor {name} has unsupported dtype {entry['dtype']}")
     begin, end = entry["data_offsets"]
-    raw = self._map[self._data_start + begin:self._data_start + end]
+    raw = np.empty((end - begin,), np.uint8)
+    with open(self.path, "rb") as f:
+      f.seek(self._data_start + begin)
+      if f.readinto(memoryview(raw)) != end - begin:
+        raise UserError(f"{self.path}: truncated safetensors file (tensor {name})")
     return raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
@@ -79,4 +83,4 @@ def write(path: str, tensors, metadata: dict[str, str] | None = None) -> None:
     for name, shape, dtype, make in tensors:
       array = np.ascontiguousarray(make(), dtype=dtype)
       assert array.shape == tuple(shape), (name, array.shape, shape)
-      f.write(array.data)
+      f.write(array.reshape(-1).view(np.uint8).data)  # Bytes: a bfloat16 memoryview is not writable.
