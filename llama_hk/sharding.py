@@ -1,31 +1,134 @@
-"""Logical axis names for activations and parameters, mapped to mesh axes by rules (t5x / MaxText style).
+"""Device meshes, logical axis names, and the rules that map them to mesh axes (t5x / MaxText style).
 
-The model names its activations' axes ("batch", "length", "embed", ...) through `constrain`; outside an
-`axis_rules` context that is a no-op, so single-device code pays nothing.
+The mesh has three named axes:
+  data    pure data parallelism: parameters replicated, the batch split;
+  fsdp    the batch split and parameters (and optimizer state) sharded along their `embed` axis (ZeRO-3);
+  tensor  Megatron-style tensor parallelism: heads, kv heads, the MLP hidden and the vocabulary split.
+Parameters name their axes in PARAM_AXES; activations name theirs through `constrain`, which is a no-op
+outside an `axis_rules` context, so single-device code pays nothing.
 """
 
 import contextlib
+import math
 import threading
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llama_hk.config import LlamaConfig
+from llama_hk.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axes of each parameter (the layer axis of stacked leaves first).
+PARAM_AXES = {
+    ("embedding", "embeddings"): ("vocab", "embed"),
+    ("decoder/input_norm", "scale"): ("layers", "norm"),
+    ("decoder/attention", "q_proj"): ("layers", "embed", "heads", "head_dim"),
+    ("decoder/attention", "k_proj"): ("layers", "embed", "kv_heads", "head_dim"),
+    ("decoder/attention", "v_proj"): ("layers", "embed", "kv_heads", "head_dim"),
+    ("decoder/attention", "out_proj"): ("layers", "heads", "head_dim", "embed"),
+    ("decoder/post_attn_norm", "scale"): ("layers", "norm"),
+    ("decoder/mlp", "gate_proj"): ("layers", "embed", "mlp"),
+    ("decoder/mlp", "up_proj"): ("layers", "embed", "mlp"),
+    ("decoder/mlp", "down_proj"): ("layers", "mlp", "embed"),
+    ("norm", "scale"): ("norm",),
+    ("lm_head", "w"): ("embed", "vocab"),
+}
+
+# Logical axis -> mesh axes. Activation axes are prefixed `act_`.
+DEFAULT_RULES = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "layers": None,
+    "norm": None,
+    "head_dim": None,
+    "act_batch": ("data", "fsdp"),
+    "act_length": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+}
 
 _state = threading.local()
 
 
-@contextlib.contextmanager
-def axis_rules(mesh: jax.sharding.Mesh, rules: dict[str, str | tuple[str, ...] | None]):
-  """Within this context, `constrain` lays activations out on `mesh` by `rules` (logical -> mesh axes)."""
-  previous = getattr(_state, "active", None)
-  _state.active = (mesh, dict(rules))
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh; one axis may be -1 to take the remaining devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = [data, fsdp, tensor]
+  if shape.count(-1) > 1:
+    raise UserError(f"mesh (data={data}, fsdp={fsdp}, tensor={tensor}): at most one axis may be -1")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if len(devices) % known:
+      raise UserError(f"mesh (data={data}, fsdp={fsdp}, tensor={tensor}): {len(devices)} devices are not a "
+                      f"multiple of {known}")
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise UserError(f"mesh (data={shape[0]}, fsdp={shape[1]}, tensor={shape[2]}) needs {math.prod(shape)} devices, "
+                    f"{len(devices)} are available")
   try:
-    yield
-  finally:
-    _state.active = previous
+    grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+  except (ValueError, AssertionError, NotImplementedError):
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES)
 
 
 def logical_to_spec(logical_axes, rules) -> PartitionSpec:
   return PartitionSpec(*(rules.get(name) if name is not None else None for name in logical_axes))
+
+
+def _axis_size(mesh: Mesh, mesh_axes) -> int:
+  if mesh_axes is None:
+    return 1
+  names = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
+  return math.prod(mesh.shape[name] for name in names)
+
+
+def param_specs(config: LlamaConfig, mesh: Mesh, rules=None) -> dict:
+  """PartitionSpecs of the parameter tree, checking that every sharded dimension divides its mesh axes."""
+  from llama_hk import param_names
+  rules = DEFAULT_RULES if rules is None else rules
+  specs: dict[str, dict[str, PartitionSpec]] = {}
+  for p in param_names.table(config):
+    axes = PARAM_AXES[(p.module, p.name)]
+    shape = ((config.num_layers,) if p.stacked else ()) + p.our_shape(config)
+    for logical, size in zip(axes, shape):
+      devices = _axis_size(mesh, rules.get(logical))
+      if size % devices:
+        raise UserError(f"mesh axis {rules.get(logical)!r} has {devices} devices, which does not divide "
+                        f"{logical}={size} of {p.module}/{p.name}; choose a mesh whose {rules.get(logical)} size "
+                        f"divides {size}")
+    specs.setdefault(p.module, {})[p.name] = logical_to_spec(axes, rules)
+  return specs
+
+
+def param_shardings(config: LlamaConfig, mesh: Mesh, rules=None) -> dict:
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(config, mesh, rules),
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
+  """(B, T) inputs: the batch split over the data-parallel axes."""
+  rules = DEFAULT_RULES if rules is None else rules
+  return NamedSharding(mesh, logical_to_spec(("act_batch", "act_length"), rules))
+
+
+@contextlib.contextmanager
+def axis_rules(mesh: Mesh, rules=None):
+  """Within this context, `constrain` lays activations out on `mesh` by `rules` (logical -> mesh axes)."""
+  previous = getattr(_state, "active", None)
+  _state.active = (mesh, dict(DEFAULT_RULES if rules is None else rules))
+  try:
+    yield
+  finally:
+    _state.active = previous
 
 
 def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
