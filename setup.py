@@ -26,6 +26,7 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets>=4.9.7",
     "array_record>=0.5",
     "grain>=0.2.2",
+    "importlib_resources",  # TFDS imports it to prepare builders in a package, declaring it only for Python < 3.9.
     # Peak-memory figures in the memory report and the conversion bench.
     "psutil>=5.9",
 ]

@@ -71,46 +71,73 @@ def load_config(path: str | os.PathLike) -> LlamaConfig:
   return LlamaConfig.from_json((path / CONFIG_FILE).read_text(), str(path / CONFIG_FILE))
 
 
-class DeviceLeaf:
-  """A parameter assembled on device, one layer at a time, by in-place (donated) updates."""
+def device_leaf_type(shardings=None):
+  """Leaves assembled on devices one layer at a time, by in-place (donated) updates.
 
-  def __init__(self, module: str, name: str, shape: tuple[int, ...], dtype):
-    import jax.numpy as jnp
-    del module, name
-    self.array = jnp.zeros(shape, dtype)
+  With `shardings` (a tree like the params of NamedShardings), every device receives only its own shard of each
+  layer: the model never sits whole on one device.
+  """
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec
 
-  def set(self, layer: int | None, value: np.ndarray) -> None:
-    import jax
-    self.array = jax.device_put(value) if layer is None else _set_layer()(self.array, value, layer)
+  class DeviceLeaf:
+    def __init__(self, module: str, name: str, shape: tuple[int, ...], dtype):
+      self.sharding = None if shardings is None else shardings[module][name]
+      self.stacked = module.startswith("decoder/")
+      self.array = None
+      if self.stacked:
+        self.array = jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=self.sharding)()
 
-  def finish(self):
-    return self.array
+    def _put(self, value: np.ndarray, sharding):
+      if sharding is None:
+        return jax.device_put(value)
+      return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    def set(self, layer: int | None, value: np.ndarray) -> None:
+      if layer is None:
+        self.array = self._put(value, self.sharding)
+        return
+      layer_sharding = None if self.sharding is None else NamedSharding(
+          self.sharding.mesh, PartitionSpec(*self.sharding.spec[1:]))
+      self.array = _set_layer(self.sharding)(self.array, self._put(value, layer_sharding), layer)
+
+    def finish(self):
+      return self.array
+
+  return DeviceLeaf
 
 
 @functools.cache
-def _set_layer():
+def _set_layer(sharding):
   """buffer.at[layer].set(value), in place: the buffer is donated and the layer index is traced."""
   import jax
-  return jax.jit(lambda buffer, value, layer: buffer.at[layer].set(value), donate_argnums=0)
+  return jax.jit(lambda buffer, value, layer: buffer.at[layer].set(value), donate_argnums=0,
+                 out_shardings=sharding)
 
 
-def load(path: str | os.PathLike, dtype: str | None = None, on_device: bool = True,
+def load(path: str | os.PathLike, dtype: str | None = None, on_device: bool = True, mesh=None,
          **config_overrides) -> Checkpoint:
   """Loads any checkpoint kind (parameters in `dtype`, default the stored one).
 
-  Parameters are assembled on the default device (or, with on_device=False, as NumPy arrays, for export)
-  layer by layer, so the peak memory is the parameters plus one tensor. `config_overrides` replace config
-  fields (e.g. compute_dtype).
+  Parameters are assembled on the default device, or sharded over `mesh` by `sharding.param_shardings` (each
+  device receiving only its shards), or with on_device=False as NumPy arrays (for export); layer by layer, so
+  the peak memory is the parameters plus one tensor. `config_overrides` replace config fields (e.g.
+  compute_dtype).
   """
   path = pathlib.Path(path)
   kind = detect_kind(path)
-  leaf_type = DeviceLeaf if on_device else param_names.HostLeaf
+  shardings = None
+  if mesh is not None:
+    from llama_hk import sharding
+    shardings = sharding.param_shardings(load_config(path), mesh)
+  leaf_type = device_leaf_type(shardings) if on_device else param_names.HostLeaf
   if kind == "hf":
     config, params, tokenizer = _load_hf(path, dtype, leaf_type)
   elif kind == "gguf":
     config, params, tokenizer = _load_gguf(path, dtype, leaf_type)
   else:
-    config, params, tokenizer = _load_own(path, kind, dtype, on_device)
+    config, params, tokenizer = _load_own(path, kind, dtype, on_device, shardings)
   if dtype:
     config = config.replace(param_dtype=dtype)
   return Checkpoint(config.replace(**config_overrides), params, tokenizer)
@@ -324,7 +351,9 @@ def latest_step(model_dir: pathlib.Path) -> int | None:
   return max(steps, default=None)
 
 
-def _load_own(path: pathlib.Path, kind: str, dtype: str | None, on_device: bool):
+def _load_own(path: pathlib.Path, kind: str, dtype: str | None, on_device: bool, shardings):
+  """Restores the Orbax params; with shardings, straight into the sharded layout (Orbax reads only each shard)."""
+  import jax
   import orbax.checkpoint as ocp
   config = LlamaConfig.from_json((path / CONFIG_FILE).read_text(), str(path / CONFIG_FILE))
   params_dir = path / PARAMS_DIR
@@ -333,11 +362,19 @@ def _load_own(path: pathlib.Path, kind: str, dtype: str | None, on_device: bool)
     if step is None:
       raise UserError(f"{path}: training directory with no finished checkpoint")
     params_dir = path / TRAINING_CHECKPOINTS_DIR / str(step) / PARAMS_DIR
+  target = None
+  if shardings is not None:
+    target = {p.module: {} for p in param_names.table(config)}
+    for p in param_names.table(config):
+      shape = ((config.num_layers,) if p.stacked else ()) + p.our_shape(config)
+      target[p.module][p.name] = jax.ShapeDtypeStruct(shape, np.dtype(dtype or config.param_dtype),
+                                                      sharding=shardings[p.module][p.name])
   try:
     handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=_concurrent_gb(config))
-    params = ocp.Checkpointer(handler).restore(params_dir.resolve(), args=ocp.args.StandardRestore())
+    params = ocp.Checkpointer(handler).restore(params_dir.resolve(), args=ocp.args.StandardRestore(target))
   except Exception as e:  # Orbax raises several types for missing or corrupt checkpoints.
-    raise UserError(f"{params_dir}: unreadable Orbax checkpoint ({type(e).__name__})") from None
+    message = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    raise UserError(f"{params_dir}: unreadable Orbax checkpoint ({type(e).__name__}: {message})") from None
   _check_tree(params, config, str(params_dir))
   for leaves in params.values():
     for name, value in leaves.items():

