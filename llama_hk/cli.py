@@ -1,5 +1,6 @@
 """What every binary shares: one-line errors, multi-host setup, the compilation cache, gin parsing."""
 
+import json
 import os
 import pathlib
 import sys
@@ -35,6 +36,21 @@ def setup_jax() -> None:
                                process_id=FLAGS.process_id)
 
 
+def print_memory_report(config, mesh) -> None:
+  """The --dry_run report: parameters per device on `mesh`, from shapes alone (nothing is allocated)."""
+  import jax
+  from llama_hk import sharding
+  from llama_hk.config import num_params
+  import numpy as np
+  per_device = sharding.per_device_param_bytes(config, mesh)
+  total = num_params(config) * np.dtype(config.param_dtype).itemsize
+  report = {"mesh": dict(mesh.shape), "devices": mesh.size, "parameters": num_params(config),
+            "param_bytes_total": total, "param_bytes_per_device": per_device,
+            "param_gib_per_device": round(per_device / 2**30, 3)}
+  if jax.process_index() == 0:
+    print(json.dumps(report))
+
+
 def is_main_process() -> bool:
   import jax
   return jax.process_index() == 0
@@ -58,12 +74,18 @@ def gin_model_config(gin_files: list[str], bindings: list[str] = ()):
   gin.clear_config()
   if (REPO_ROOT / "gin").is_dir():
     gin.add_config_file_search_path(str(REPO_ROOT))
-  gin.parse_config_files_and_bindings(gin_files, list(bindings) + ["model_config_of.value = %MODEL_CONFIG"])
-  return model_config_of()
+  gin.parse_config_files_and_bindings(gin_files, list(bindings))
+  return gin_macro("MODEL_CONFIG")
 
 
-@gin.configurable
-def model_config_of(value=gin.REQUIRED):
+def gin_macro(name: str, default=None):
+  """The value of the gin macro `name` in the parsed config (calling an `@fn()` reference), or `default`."""
+  try:
+    value = gin.query_parameter(f"%{name}")
+  except ValueError:
+    return default
+  if isinstance(value, gin.config.ConfigurableReference):
+    return value.scoped_configurable_fn() if value.evaluate else value.scoped_configurable_fn
   return value
 
 

@@ -4,6 +4,7 @@ The token stream is cut into consecutive, non-overlapping windows of `max_seq_le
 window but its first is scored given the tokens before it in that window.
 """
 
+import contextlib
 import functools
 import math
 
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_hk import model as model_lib
+from llama_hk import sharding
 from llama_hk.config import LlamaConfig
 from llama_hk.errors import UserError
 
@@ -32,6 +34,18 @@ def _window_nll(config: LlamaConfig, params, tokens, segment_ids):
   return jnp.sum(jnp.where(scored, nll, 0.0)), jnp.sum(scored)
 
 
+def _put_batch(array: np.ndarray, mesh):
+  """Host batch -> device array split over the mesh's batch axes (each process supplies its addressable part)."""
+  if mesh is None:
+    return array
+  return jax.make_array_from_callback(array.shape, sharding.batch_sharding(mesh), lambda index: array[index])
+
+
+def _local_value(x) -> np.ndarray:
+  """A replicated result as NumPy, also when the mesh spans processes."""
+  return np.asarray(x.addressable_data(0))
+
+
 def windows(ids: list[int], max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
   """(tokens, segment_ids), each (W, max_seq_len): the ids cut into windows, the last one padded."""
   count = math.ceil(len(ids) / max_seq_len)
@@ -42,23 +56,32 @@ def windows(ids: list[int], max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def perplexity(config: LlamaConfig, params, ids: list[int], max_seq_len: int, batch_size: int = 1,
-               num_bytes: int | None = None, source: str = "text") -> dict:
-  """{"tokens", "nll", "perplexity", "bytes", "bits_per_byte"} of `ids` under the model."""
+               num_bytes: int | None = None, source: str = "text", mesh=None) -> dict:
+  """{"tokens", "nll", "perplexity", "bytes", "bits_per_byte"} of `ids` under the model.
+
+  With a mesh, params are expected sharded on it and each batch is split over its data-parallel axes.
+  """
   if max_seq_len < 2:
     raise UserError(f"--max_seq_len={max_seq_len}: must be at least 2")
   if max_seq_len > config.max_seq_len:
     raise UserError(f"--max_seq_len={max_seq_len}: exceeds the model's max_seq_len {config.max_seq_len}")
   if len(ids) < 2:
     raise UserError(f"{source}: too short to score ({len(ids)} tokens; need at least 2)")
+  if mesh is not None:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % shards:
+      raise UserError(f"--batch_size={batch_size}: must be a multiple of the mesh's data x fsdp size {shards}")
   tokens, segments = windows(ids, max_seq_len)
   padding = -len(tokens) % batch_size  # Whole empty windows keep one compiled shape.
   tokens = np.concatenate([tokens, np.zeros((padding, max_seq_len), np.int32)])
   segments = np.concatenate([segments, np.zeros((padding, max_seq_len), np.int32)])
   total, count = 0.0, 0
-  for start in range(0, len(tokens), batch_size):
-    nll, scored = _window_nll(config, params, tokens[start:start + batch_size], segments[start:start + batch_size])
-    total += float(nll)
-    count += int(scored)
+  with sharding.axis_rules(mesh) if mesh is not None else contextlib.nullcontext():
+    for start in range(0, len(tokens), batch_size):
+      nll, scored = _window_nll(config, params, _put_batch(tokens[start:start + batch_size], mesh),
+                                _put_batch(segments[start:start + batch_size], mesh))
+      total += float(_local_value(nll))
+      count += int(_local_value(scored))
   if count == 0:
     raise UserError(f"{source}: no token to score with --max_seq_len={max_seq_len}")
   result = {"tokens": count, "nll": total / count, "perplexity": math.exp(total / count)}

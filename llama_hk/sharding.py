@@ -138,3 +138,18 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
     return x
   mesh, rules = active
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical_axes, rules)))
+
+
+def per_device_param_bytes(config: LlamaConfig, mesh: Mesh, rules=None) -> int:
+  """Bytes of parameters on the most loaded device, from shapes and shardings alone (nothing allocated)."""
+  from llama_hk import param_names
+  itemsize = np.dtype(config.param_dtype).itemsize
+  shardings = param_shardings(config, mesh, rules)
+  per_device: dict = {}
+  for p in param_names.table(config):
+    shape = ((config.num_layers,) if p.stacked else ()) + p.our_shape(config)
+    sharding = shardings[p.module][p.name]
+    for device, index in sharding.devices_indices_map(shape).items():
+      elements = math.prod(len(range(*s.indices(n))) for s, n in zip(index, shape))
+      per_device[device] = per_device.get(device, 0) + elements * itemsize
+  return max(per_device.values())
