@@ -1,0 +1,108 @@
+"""Sharded inference equals one device; meshes that do not fit fail with one line; multi-host runs agree.
+
+Runs in subprocesses with simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N), since the
+device count is fixed once JAX starts.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from llama_hk import checkpoints
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "tests" / "sharding_scripts"
+
+
+def run(args, devices=8, **kwargs):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_DEFAULT_MATMUL_PRECISION="highest")
+  return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env, cwd=REPO,
+                        timeout=600, **kwargs)
+
+
+def sharded_logit_diffs(checkpoint, meshes, batch=8):
+  result = run([SCRIPTS / "sharded_logits.py", checkpoint, batch, json.dumps(meshes)])
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def smollm2_llama_hk(smollm2_gguf, tmp_path_factory):
+  out = tmp_path_factory.mktemp("sharding") / "smollm2"
+  ckpt = checkpoints.load(smollm2_gguf)
+  checkpoints.save(out, ckpt.config, ckpt.params, ckpt.tokenizer)
+  return out
+
+
+def test_real_model_sharded_logits_equal_one_device(smollm2_llama_hk):
+  # SmolLM2: 9 query / 3 key-value heads, d_model 576: tensor parallelism over 3 devices, FSDP over 8.
+  diffs = sharded_logit_diffs(smollm2_llama_hk, {"fsdp": [1, 8, 1], "data": [8, 1, 1], "data_fsdp": [2, 4, 1],
+                                                 "tensor": [1, 1, 3], "fsdp_tensor": [1, 2, 3]})
+  for name in ("fsdp", "data", "data_fsdp"):
+    assert diffs[name]["max_abs"] <= 1e-5, (name, diffs)
+  # Tensor parallelism reorders the float32 sums over heads and the MLP hidden: equal up to rounding.
+  for name in ("tensor", "fsdp_tensor"):
+    assert diffs[name]["max_abs"] <= 1e-5 * diffs[name]["max_logit"], (name, diffs)
+  assert diffs["fsdp"]["devices"] == 8 and diffs["tensor"]["devices"] == 3
+
+
+def test_random_gqa_model_sharded_logits_equal_one_device(tiny_hf_model, tmp_path):
+  model = tiny_hf_model(seed=3, num_attention_heads=8, num_key_value_heads=4, hidden_size=64, intermediate_size=128)
+  model.save_pretrained(tmp_path / "hf")
+  diffs = sharded_logit_diffs(tmp_path / "hf", {"fsdp": [1, 8, 1], "tensor": [1, 1, 4], "all": [2, 2, 2]})
+  for name, diff in diffs.items():
+    assert diff["max_abs"] <= 1e-5 * max(1.0, diff["max_logit"]), (name, diffs)
+
+
+def test_head_count_the_tensor_axis_does_not_divide_is_one_line(smollm2_llama_hk, tmp_path):
+  result = run([REPO / "bin" / "eval", f"--checkpoint={smollm2_llama_hk}", f"--text_file={REPO / 'README.md'}",
+                "--gin_file=gin/sharding/tensor.gin", "--batch_size=8"])
+  assert result.returncode == 1
+  lines = result.stderr.strip().splitlines()
+  assert lines[-1].startswith("error: mesh axis 'tensor' has 8 devices, which does not divide heads=9"), lines[-1]
+
+
+@pytest.mark.parametrize("sharding_gin", ["fsdp", "tensor"])
+def test_dry_run_7b_reports_per_device_parameters(sharding_gin):
+  result = run([REPO / "bin" / "eval", "--dry_run", "--gin_file=gin/models/7b.gin",
+                f"--gin_file=gin/sharding/{sharding_gin}.gin"])
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  expected = 6_738_415_616 * 4 / 8
+  assert report["devices"] == 8
+  assert abs(report["param_bytes_per_device"] - expected) <= 0.01 * expected, report
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_eval_like_one(smollm2_llama_hk, shakespeare_dir, tmp_path):
+  text = tmp_path / "text.txt"
+  text.write_text((shakespeare_dir / "sonnets.txt" if (shakespeare_dir / "sonnets.txt").exists()
+                   else shakespeare_dir / "lovers_complaint.txt").read_text()[:6000])
+  args = [REPO / "bin" / "eval", f"--checkpoint={smollm2_llama_hk}", f"--text_file={text}", "--max_seq_len=128",
+          "--batch_size=8", "--gin_file=gin/sharding/fsdp.gin"]
+  single = run(args)
+  assert single.returncode == 0, single.stderr[-2000:]
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_DEFAULT_MATMUL_PRECISION="highest")
+  procs = [subprocess.Popen([sys.executable, *map(str, args), f"--coordinator_address=127.0.0.1:{port}",
+                             "--num_processes=2", f"--process_id={i}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  printed = [line for out, _ in outputs for line in out.strip().splitlines() if line.startswith("{")]
+  assert len(printed) == 1, outputs  # Only process 0 prints.
+  multi, one = json.loads(printed[0]), json.loads(single.stdout.strip().splitlines()[-1])
+  assert multi["tokens"] == one["tokens"]
+  assert abs(multi["nll"] - one["nll"]) <= 1e-6 * one["nll"]
