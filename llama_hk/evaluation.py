@@ -34,6 +34,15 @@ def _window_nll(config: LlamaConfig, params, tokens, segment_ids):
   return jnp.sum(jnp.where(scored, nll, 0.0)), jnp.sum(scored)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _packed_nll(config: LlamaConfig, params, batch):
+  """Summed NLL and count over `loss_mask` of a packed batch (tokens, positions, segment_ids, targets)."""
+  logits, _ = model_lib.make_forward(config).apply(params, batch["tokens"], positions=batch["positions"],
+                                                   segment_ids=batch["segment_ids"])  # (B, T, V)
+  nll = token_nll(logits, batch["targets"])  # (B, T)
+  return jnp.sum(nll * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
+
+
 def _put_batch(array: np.ndarray, mesh):
   """Host batch -> device array split over the mesh's batch axes (each process supplies its addressable part)."""
   if mesh is None:
@@ -88,6 +97,21 @@ def perplexity(config: LlamaConfig, params, ids: list[int], max_seq_len: int, ba
   if num_bytes is not None:
     result.update(bytes=num_bytes, bits_per_byte=total / math.log(2) / num_bytes)
   return result
+
+
+def split_perplexity(config: LlamaConfig, params, batches, num_bytes: int, source: str = "split",
+                     mesh=None) -> dict:
+  """The same figures over packed batches of a dataset split (every document once, documents never mixed)."""
+  total, count = 0.0, 0.0
+  with sharding.axis_rules(mesh) if mesh is not None else contextlib.nullcontext():
+    for batch in batches:
+      nll, scored = _packed_nll(config, params, {k: _put_batch(v, mesh) for k, v in batch.items()})
+      total += float(_local_value(nll))
+      count += float(_local_value(scored))
+  if count == 0:
+    raise UserError(f"{source}: no token to score")
+  return {"tokens": int(count), "nll": total / count, "perplexity": math.exp(total / count), "bytes": num_bytes,
+          "bits_per_byte": total / math.log(2) / num_bytes}
 
 
 def read_text(path: str) -> str:

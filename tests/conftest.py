@@ -80,3 +80,119 @@ def shakespeare_tokenizer_dir(shakespeare_data_dir, shakespeare_dir, tmp_path_fa
   train = sources.shakespeare("train", str(shakespeare_data_dir), source_dir=str(shakespeare_dir))
   output = tmp_path_factory.mktemp("tokenizer") / "shakespeare_2000"
   return tokenizer_training.train_tokenizer(train, output, vocab_size=2000, max_input_chars=1_500_000)
+
+
+# Tiny random LLaMA checkpoints (model parity, conversion and CLI tests).
+
+def make_tiny_hf_model(seed: int = 0, *, weight_std: float = 0.15, random_norms: bool = False, **overrides):
+  """A random transformers LlamaForCausalLM (eager attention, float32) with weights drawn under a fixed torch seed.
+
+  Weights use `weight_std` (not HF's 0.02) so that attention is far from uniform and RoPE, masking and head
+  grouping change the logits visibly; `random_norms` draws every RMSNorm weight from U(0.5, 1.5).
+  """
+  import torch
+  import transformers
+
+  fields = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  fields.update(overrides)
+  config = transformers.LlamaConfig(**fields)
+  config._attn_implementation = "eager"
+  torch.manual_seed(seed)
+  model = transformers.LlamaForCausalLM(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight"):
+        if random_norms:
+          p.uniform_(0.5, 1.5)
+      else:
+        p.normal_(0.0, weight_std)
+  return model
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model():
+  """Factory: `tiny_hf_model(seed=0, **LlamaConfig fields)` -> a random transformers LlamaForCausalLM."""
+  return make_tiny_hf_model
+
+
+def gguf_permute(weight, heads: int):
+  """llama.cpp's convert_hf_to_gguf.py Q/K row permutation (rotate-half -> adjacent pairs), written independently."""
+  return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+_GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight", "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def _write_tiny_gguf(path, model, raw_types: dict | None = None) -> None:
+  """Writes a transformers LlamaForCausalLM as a llama.cpp-layout GGUF (F32 tensors, a byte-level BPE tokenizer).
+
+  `raw_types` maps GGUF tensor names to a GGMLQuantizationType whose (zero) bytes replace that tensor.
+  """
+  import gguf
+  import numpy as np
+
+  c = model.config
+  writer = gguf.GGUFWriter(str(path), "llama")
+  writer.add_block_count(c.num_hidden_layers)
+  writer.add_context_length(c.max_position_embeddings)
+  writer.add_embedding_length(c.hidden_size)
+  writer.add_feed_forward_length(c.intermediate_size)
+  writer.add_head_count(c.num_attention_heads)
+  writer.add_head_count_kv(c.num_key_value_heads)
+  writer.add_key_length(c.head_dim)
+  writer.add_value_length(c.head_dim)
+  writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+  writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+  writer.add_vocab_size(c.vocab_size)
+  # A byte-level BPE vocabulary: three specials, the 256 byte symbols, three merges, then fillers.
+  from tokenizers import pre_tokenizers
+  merges = ["Ġ t", "h e", "Ġt he"]
+  tokens = (["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + sorted(pre_tokenizers.ByteLevel.alphabet()) +
+            [m.replace(" ", "") for m in merges])
+  assert c.vocab_size >= len(tokens), f"vocab_size must be at least {len(tokens)} for a GGUF tokenizer"
+  tokens += [f"<extra_{i}>" for i in range(c.vocab_size - len(tokens))]
+  writer.add_tokenizer_model("gpt2")
+  writer.add_token_list(tokens)
+  writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+  writer.add_token_merges(merges)
+  writer.add_bos_token_id(1)
+  writer.add_eos_token_id(2)
+  raw_types = raw_types or {}
+  for name, tensor in model.state_dict().items():
+    if name == "lm_head.weight" and c.tie_word_embeddings:
+      continue
+    short = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
+    gguf_name = _GGUF_NAMES[short]
+    if name.startswith("model.layers."):
+      gguf_name = f"blk.{name.split('.')[2]}.{gguf_name}"
+    array = tensor.detach().float().numpy()
+    if short == "self_attn.q_proj.weight":
+      array = gguf_permute(array, c.num_attention_heads)
+    elif short == "self_attn.k_proj.weight":
+      array = gguf_permute(array, c.num_key_value_heads)
+    if gguf_name in raw_types:
+      qtype = raw_types[gguf_name]
+      block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+      raw = np.zeros((array.shape[0], array.shape[1] // block * type_size), np.uint8)
+      writer.add_tensor(gguf_name, raw, raw_dtype=qtype)
+    else:
+      writer.add_tensor(gguf_name, np.ascontiguousarray(array))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+
+
+@pytest.fixture(scope="session")
+def write_tiny_gguf():
+  """`write_tiny_gguf(path, hf_model, raw_types=None)`: the model as a llama.cpp-layout GGUF file."""
+  return _write_tiny_gguf

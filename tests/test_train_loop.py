@@ -1,0 +1,141 @@
+"""bin/train end to end on a very small model: checkpoints and exact resume after SIGKILL, sharded equals one
+device, --dry_run of the 7B run on 8 simulated devices, and bad input answered with one `error:` line."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from llama_hk import checkpoints
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+SMALL_MODEL = {"config.LlamaConfig.d_model": 32, "config.LlamaConfig.num_layers": 2,
+               "config.LlamaConfig.num_heads": 4, "config.LlamaConfig.num_kv_heads": 2,
+               "config.LlamaConfig.d_ff": 64}
+
+
+@pytest.fixture(scope="module")
+def data_args(shakespeare_data_dir, shakespeare_tokenizer_dir, shakespeare_dir) -> list[str]:
+  """tiny.gin on the prepared test data and tokenizer, with a very small model and short rows."""
+  bindings = {"DATA_DIR": repr(str(shakespeare_data_dir)), "TOKENIZER_DIR": repr(str(shakespeare_tokenizer_dir)),
+              "SHAKESPEARE_SOURCE_DIR": repr(str(shakespeare_dir)), "SEQ_LEN": 32, "BATCH_SIZE": 4,
+              "WARMUP_STEPS": 1, "LOG_EVERY": 1, "EVAL_EVERY": 1000, "EVAL_MAX_BATCHES": 2, **SMALL_MODEL}
+  return ["--gin_file=gin/tiny.gin"] + [f"--gin.{key}={value}" for key, value in bindings.items()]
+
+
+def _command(model_dir, args, **bindings) -> list[str]:
+  return ([sys.executable, "bin/train", f"--model_dir={model_dir}", "--compilation_cache_dir="] + list(args)
+          + [f"--gin.{key}={value}" for key, value in bindings.items()])
+
+
+def run_train(model_dir, args, env=None, **bindings) -> subprocess.CompletedProcess:
+  return subprocess.run(_command(model_dir, args, **bindings), cwd=REPO, capture_output=True, text=True,
+                        env={**os.environ, **(env or {})}, timeout=300)
+
+
+def metrics(model_dir) -> list[dict]:
+  return [json.loads(line) for line in (pathlib.Path(model_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(model_dir) -> list[tuple[int, float, float, float]]:
+  return [(m["step"], m["loss"], m["grad_norm"], m["learning_rate"]) for m in metrics(model_dir) if "loss" in m]
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+  assert result.returncode == 1, result.stderr[-2000:]
+  lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(lines) == 1 and all(f in lines[0] for f in fragments), result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+
+
+def test_run_writes_model_dir_and_evaluates(tmp_path, data_args):
+  result = run_train(tmp_path, data_args, TRAIN_STEPS=4, CHECKPOINT_EVERY=2, EVAL_EVERY=4)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "steps/s" in result.stdout and "time left" in result.stdout
+  records = metrics(tmp_path)
+  assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+  assert set(records[0]) == {"step", "loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu"}
+  (evaluation,) = [r for r in records if "eval_loss" in r]
+  assert evaluation["step"] == 4 and 0 < evaluation["eval_bits_per_byte"] < 20
+  assert "trainer.train.train_steps = %TRAIN_STEPS" in (tmp_path / "config.gin").read_text()
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]
+  loaded = checkpoints.load(tmp_path)
+  assert loaded.config.d_model == 32 and loaded.tokenizer is not None
+  assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_killed_run_resumes_with_identical_losses(tmp_path, data_args):
+  steps = dict(TRAIN_STEPS=40, CHECKPOINT_EVERY=5)
+  whole = tmp_path / "whole"
+  assert run_train(whole, data_args, **steps).returncode == 0
+  killed = tmp_path / "killed"
+  process = subprocess.Popen(_command(killed, data_args, **steps), cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not (killed / "checkpoints" / "10" / "commit_success.txt").exists() and process.poll() is None:
+    assert time.time() < deadline
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+  resumed = run_train(killed, data_args, **steps)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert train_losses(killed) == train_losses(whole)
+  assert [r["step"] for r in metrics(killed)] == list(range(1, 41))
+
+
+def test_sharded_equals_one_device(tmp_path, data_args):
+  steps = dict(TRAIN_STEPS=5, CHECKPOINT_EVERY=5)
+  single = run_train(tmp_path / "single", data_args, **steps)
+  assert single.returncode == 0, single.stderr[-3000:]
+  sharded = run_train(tmp_path / "sharded", data_args + ["--gin_file=gin/sharding/data_fsdp_tensor.gin"],
+                      env=EIGHT_DEVICES, **steps)
+  assert sharded.returncode == 0, sharded.stderr[-3000:]
+  one, eight = np.array(train_losses(tmp_path / "single")), np.array(train_losses(tmp_path / "sharded"))
+  np.testing.assert_allclose(eight[:, 1:3], one[:, 1:3], rtol=1e-5)
+
+
+def test_dry_run_7b_on_eight_devices_reports_memory(tmp_path):
+  result = run_train(tmp_path / "unused", ["--gin_file=gin/7b.gin", "--dry_run"], env=EIGHT_DEVICES,
+                     DATA_DIR="'/nonexistent'", TOKENIZER_DIR="'/nonexistent'", BATCH_SIZE=8)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "per-device memory" in result.stdout
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["devices"] == 8 and report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert report["params_bytes"] == pytest.approx(6_738_415_616 * 4 / 8, rel=1e-3)  # float32, sharded 8 ways.
+  assert report["opt_state_bytes"] == pytest.approx(2 * report["params_bytes"], rel=1e-3)
+  assert not (tmp_path / "unused").exists()
+
+
+def test_bad_gin_input(tmp_path, data_args):
+  assert_one_line_error(run_train(tmp_path, data_args, NO_SUCH_MACRO_USER=1, **{"trainer.train.no_such": 1}),
+                        "gin:", "no_such")
+  assert_one_line_error(run_train(tmp_path, ["--gin_file=gin/7b.gin"]), "required macro", "DATA_DIR")
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_model_dir_of_another_model(tmp_path, data_args):
+  assert run_train(tmp_path, data_args, TRAIN_STEPS=2, CHECKPOINT_EVERY=2).returncode == 0
+  other = run_train(tmp_path, data_args, TRAIN_STEPS=3, **{"config.LlamaConfig.d_model": 64})
+  assert_one_line_error(other, str(tmp_path), "another model config", "d_model=32 there, 64 here")
+
+
+def test_nan_loss_stops_keeping_last_checkpoint(tmp_path, data_args):
+  result = run_train(tmp_path, data_args, TRAIN_STEPS=6, CHECKPOINT_EVERY=1, LEARNING_RATE=1e30, CLIP_NORM=None)
+  assert_one_line_error(result, "step 3: loss is nan", "last good checkpoint, step 2")
+  assert checkpoints.latest_step(tmp_path) == 2
+
+
+def test_failed_checkpoint_write_keeps_previous(tmp_path, data_args):
+  assert run_train(tmp_path, data_args, TRAIN_STEPS=2, CHECKPOINT_EVERY=2).returncode == 0
+  (tmp_path / "checkpoints" / "4").write_text("in the way of step 4's checkpoint")
+  result = run_train(tmp_path, data_args, TRAIN_STEPS=4, CHECKPOINT_EVERY=2)
+  assert_one_line_error(result, "checkpoint of step 4 failed", "the last good checkpoint is step 2")
+  assert checkpoints.latest_step(tmp_path) == 2
+  assert checkpoints.load(tmp_path).config.d_model == 32

@@ -1,0 +1,116 @@
+"""The train step against PyTorch: transformers LlamaForCausalLM + torch.optim.AdamW with the same hyper-parameters,
+decay mask and clipping give the same losses and parameters (float32, highest matmul precision).
+
+Also: gradient accumulation equals the whole batch, bfloat16 compute and remat run and agree roughly.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from llama_hk import config as config_lib
+from llama_hk import param_names
+from llama_hk import training
+
+HYPER = dict(peak_learning_rate=1e-3, b1=0.9, b2=0.95, eps=1e-6, weight_decay=0.1, clip_norm=0.5)
+STEPS = 3
+
+
+def _batches(vocab: int, count: int, batch: int = 2, length: int = 12) -> list[dict[str, np.ndarray]]:
+  """Rows of one document each, the second padded at its end (segment 0, loss mask 0)."""
+  rng = np.random.default_rng(0)
+  out = []
+  for _ in range(count):
+    tokens = rng.integers(3, vocab, (batch, length + 1)).astype(np.int32)
+    segment_ids = np.ones((batch, length), np.int32)
+    segment_ids[1, -4:] = 0
+    loss_mask = (segment_ids == 1).astype(np.float32)
+    loss_mask[1, -5] = 0.0  # The last real token has no target.
+    out.append({"tokens": tokens[:, :-1], "positions": np.tile(np.arange(length, dtype=np.int32), (batch, 1)),
+                "segment_ids": segment_ids, "targets": tokens[:, 1:] * (loss_mask > 0), "loss_mask": loss_mask})
+  return out
+
+
+def _torch_run(model, batches) -> list[float]:
+  decay = [p for n, p in model.named_parameters() if not (n.endswith("norm.weight") or "embed_tokens" in n)]
+  no_decay = [p for n, p in model.named_parameters() if n.endswith("norm.weight") or "embed_tokens" in n]
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": HYPER["weight_decay"]},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=HYPER["peak_learning_rate"], betas=(HYPER["b1"], HYPER["b2"]), eps=HYPER["eps"])
+  losses = []
+  for batch in batches:
+    logits = model(torch.from_numpy(batch["tokens"]).long()).logits  # Padding is at row ends: causal suffices.
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.from_numpy(batch["targets"]).long().flatten(),
+                                            reduction="none")
+    mask = torch.from_numpy(batch["loss_mask"]).flatten()
+    loss = (nll * mask).sum() / mask.sum()
+    opt.zero_grad()
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters()))
+    # optax's clip: scale by clip / norm when the norm exceeds it (torch's clip_grad_norm_ adds 1e-6 to the norm).
+    if norm > HYPER["clip_norm"]:
+      for p in model.parameters():
+        p.grad.mul_(HYPER["clip_norm"] / norm)
+    opt.step()
+    losses.append(float(loss.detach()))
+  return losses
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_steps_equal_pytorch(tiny_hf_model, tie):
+  hf = tiny_hf_model(seed=3, weight_std=0.05, tie_word_embeddings=tie)
+  hf.train()
+  config = config_lib.from_hf_config(hf.config.to_dict())
+  state_dict = {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}
+  params = param_names.params_from_hf(state_dict, config)
+  optimizer = training.make_optimizer(total_steps=STEPS, schedule="constant", **HYPER)
+  state = training.init_state(config, optimizer, params=params)
+  step = jax.jit(training.make_train_step(config, optimizer))
+  batches = _batches(config.vocab_size, STEPS)
+  ours = []
+  for batch in batches:
+    state, metrics = step(state, batch)
+    ours.append(float(metrics["loss"]))
+    assert float(metrics["learning_rate"]) == pytest.approx(HYPER["peak_learning_rate"])
+  theirs = _torch_run(hf, batches)
+  np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+  updated = param_names.params_to_hf(jax.device_get(state.params), config)
+  for name, value in hf.state_dict().items():
+    if tie and name == "lm_head.weight":
+      continue
+    np.testing.assert_allclose(updated[name], value.detach().numpy(), atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_decay_mask_skips_norms_and_embeddings():
+  config = config_lib.LlamaConfig(vocab_size=64, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=32)
+  state = training.init_state(config, training.make_optimizer(total_steps=10))
+  mask = training.weight_decay_mask(state.params)
+  assert not mask["embedding"]["embeddings"] and not mask["norm"]["scale"]
+  assert not mask["decoder/input_norm"]["scale"] and mask["decoder/attention"]["q_proj"] and mask["lm_head"]["w"]
+
+
+def test_schedule_warmup_then_cosine():
+  schedule = training.learning_rate_schedule(1.0, total_steps=110, warmup_steps=10, final_fraction=0.1)
+  assert float(schedule(0)) == 0.0 and float(schedule(5)) == pytest.approx(0.5)
+  assert float(schedule(10)) == pytest.approx(1.0) and float(schedule(60)) == pytest.approx(0.55)
+  assert float(schedule(110)) == pytest.approx(0.1)
+
+
+def test_accumulation_equals_whole_batch_and_bf16_remat_run():
+  config = config_lib.LlamaConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64)
+  optimizer = training.make_optimizer(total_steps=10, warmup_steps=2)
+  batch = _batches(config.vocab_size, 1, batch=4)[0]
+  whole, whole_metrics = jax.jit(training.make_train_step(config, optimizer, z_loss_weight=1e-4))(
+      training.init_state(config, optimizer), batch)
+  accumulated, accumulated_metrics = jax.jit(training.make_train_step(config, optimizer, 1e-4, grad_accum_steps=2))(
+      training.init_state(config, optimizer), batch)
+  for key in ("loss", "z_loss", "grad_norm"):
+    np.testing.assert_allclose(accumulated_metrics[key], whole_metrics[key], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), accumulated.params, whole.params)
+
+  low = config.replace(compute_dtype="bfloat16", remat_policy="full")
+  state, metrics = jax.jit(training.make_train_step(low, optimizer))(training.init_state(low, optimizer), batch)
+  assert state.params["decoder/mlp"]["up_proj"].dtype == jnp.float32
+  np.testing.assert_allclose(metrics["loss"], whole_metrics["loss"], rtol=2e-2)
