@@ -13,7 +13,7 @@ INSTALL_REQUIRES = [
     "gin-config>=0.5",
     "absl-py>=2.0",
     # The project's own checkpoint format (sharded, async, restores straight into a mesh layout).
-    "orbax-checkpoint>=0.6",
+    "orbax-checkpoint>=0.12.8,<0.13",  # Its partial (leaf-by-leaf) save streams conversion; pinned as it is new API.
     # Reading and writing Hugging Face checkpoints tensor by tensor, without torch.
     "safetensors>=0.4",
     # GGUF files (llama.cpp): metadata, tokenizer and the dequantization kernels.

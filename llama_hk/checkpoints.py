@@ -31,6 +31,7 @@ _HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorc
                     "pytorch_model.bin.index.json")
 _MAX_SHARD_BYTES = 5 * 2**30
 _CONCURRENT_GB = 0.25
+_PARTIAL_SAVE_ITEM = "state"  # Where Orbax's partial (leaf by leaf) save puts the tree inside params/.
 
 
 class Checkpoint(NamedTuple):
@@ -217,9 +218,21 @@ def _torch_state_dict(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def _load_hf(path: pathlib.Path, dtype: str | None, leaf_type):
+  config, leaves, tokenizer = _stream_hf(path, dtype, leaf_type)
+  return config, _collect(leaves), tokenizer
+
+
+def _stream_hf(path: pathlib.Path, dtype: str | None, leaf_type):
   config = load_hf_config(str(path / "config.json"))
-  params = param_names.params_from_tensors(_hf_tensor_lookup(path), config, "hf", dtype, str(path), leaf_type)
-  return config, params, _tokenizer_from(path)
+  leaves = param_names.iter_params(_hf_tensor_lookup(path), config, "hf", dtype, str(path), leaf_type)
+  return config, leaves, _tokenizer_from(path)
+
+
+def _collect(leaves) -> dict:
+  params: dict[str, dict] = {}
+  for module, name, leaf in leaves:
+    params.setdefault(module, {})[name] = leaf
+  return params
 
 
 # GGUF files.
@@ -289,11 +302,17 @@ def _gguf_tensor_lookup(reader, source: str):
 
 
 def _load_gguf(path: pathlib.Path, dtype: str | None, leaf_type):
+  config, leaves, tokenizer = _stream_gguf(path, dtype, leaf_type)
+  return config, _collect(leaves), tokenizer
+
+
+def _stream_gguf(path: pathlib.Path, dtype: str | None, leaf_type):
   reader = _open_gguf(path)
   config = _gguf_config(reader, str(path))
-  params = param_names.params_from_tensors(_gguf_tensor_lookup(reader, str(path)), config, "gguf",
-                                           dtype or "float32", str(path), leaf_type)
-  return config.replace(param_dtype=dtype or "float32"), params, gguf_tokenizer(reader, str(path))
+  tokenizer = gguf_tokenizer(reader, str(path))
+  leaves = param_names.iter_params(_gguf_tensor_lookup(reader, str(path)), config, "gguf", dtype or "float32",
+                                   str(path), leaf_type)
+  return config.replace(param_dtype=dtype or "float32"), leaves, tokenizer
 
 
 def gguf_tokenizer(reader, source: str) -> Tokenizer:
@@ -356,7 +375,7 @@ def _load_own(path: pathlib.Path, kind: str, dtype: str | None, on_device: bool,
   import jax
   import orbax.checkpoint as ocp
   config = LlamaConfig.from_json((path / CONFIG_FILE).read_text(), str(path / CONFIG_FILE))
-  params_dir = path / PARAMS_DIR
+  params_dir = path / PARAMS_DIR / _PARTIAL_SAVE_ITEM
   if kind == "model_dir":
     step = latest_step(path)
     if step is None:
@@ -429,15 +448,40 @@ def atomic_directory(path: str | os.PathLike):
 
 
 def save(path: str | os.PathLike, config: LlamaConfig, params, tokenizer: Tokenizer | None) -> None:
-  """Writes a llama_hk checkpoint directory, atomically."""
-  import orbax.checkpoint as ocp
+  """Writes a llama_hk checkpoint directory, atomically.
+
+  `params` is the parameter tree or an iterable of (module, name, leaf): Orbax's partial save writes one leaf
+  at a time, so a streamed conversion never holds more than one leaf.
+  """
+  from orbax.checkpoint.experimental.v1 import partial
+  leaves = ((m, n, v) for m, tree in params.items() for n, v in tree.items()) if isinstance(params, dict) else params
   with atomic_directory(path) as tmp:
     (tmp / CONFIG_FILE).write_text(config.to_json())
     if tokenizer is not None:
       tokenizer.save(tmp)
-    # Synchronous, and a small in-flight budget: Orbax otherwise copies every array to host memory first.
-    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=_concurrent_gb(config)))
-    checkpointer.save((tmp / PARAMS_DIR).resolve(), args=ocp.args.StandardSave(params))
+    target = (tmp / PARAMS_DIR).resolve()
+    for module, name, leaf in leaves:
+      partial.save(target, {module: {name: leaf}})
+      del leaf
+    partial.finalize(target)
+
+
+def convert(source: str | os.PathLike, output: str | os.PathLike, output_format: str = "llama_hk",
+            dtype: str | None = None) -> None:
+  """Any checkpoint kind to llama_hk or HF, streaming tensor by tensor where the source allows."""
+  check_output_dir(output)
+  source = pathlib.Path(source)
+  kind = detect_kind(source)
+  if output_format == "hf":
+    ckpt = load(source, dtype=dtype, on_device=False)
+    export_hf(output, ckpt.config, ckpt.params, ckpt.tokenizer)
+  elif kind in ("hf", "gguf"):
+    stream = _stream_hf if kind == "hf" else _stream_gguf
+    config, leaves, tokenizer = stream(source, dtype, param_names.HostLeaf)
+    save(output, config.replace(param_dtype=dtype) if dtype else config, leaves, tokenizer)
+  else:
+    ckpt = load(source, dtype=dtype)
+    save(output, ckpt.config, ckpt.params, ckpt.tokenizer)
 
 
 def export_hf(path: str | os.PathLike, config: LlamaConfig, params, tokenizer: Tokenizer | None,

@@ -109,17 +109,16 @@ class HostLeaf:
     return self.array
 
 
-def params_from_tensors(get: Callable[[str], np.ndarray], config: LlamaConfig, naming: str = "hf",
-                        dtype: str | None = None, source: str = "checkpoint", leaf_type=HostLeaf) -> dict:
-  """Builds the Haiku parameter tree one tensor at a time from a name -> array lookup.
+def iter_params(get: Callable[[str], np.ndarray], config: LlamaConfig, naming: str = "hf",
+                dtype: str | None = None, source: str = "checkpoint", leaf_type=HostLeaf):
+  """Yields (module, name, leaf) of the Haiku parameter tree, one leaf at a time, from a name -> array lookup.
 
   `get` returns HF-layout arrays. Each leaf is a `leaf_type(module, name, shape, dtype)` filled layer by layer
-  (HostLeaf: NumPy; checkpoints.DeviceLeaf: device buffers updated in place), so the peak memory is the output
-  plus one tensor. `naming` is "hf" or "gguf" (GGUF rows of Q and K are unpermuted here). A missing name or a
-  shape that disagrees with the config raises UserError naming `source`.
+  (HostLeaf: NumPy; checkpoints' device leaves: device buffers updated in place), so a consumer that keeps
+  nothing (streaming conversion) holds one leaf at a time. `naming` is "hf" or "gguf" (GGUF rows of Q and K are
+  unpermuted here). A missing name or a shape that disagrees with the config raises UserError naming `source`.
   """
   dtype = np.dtype(dtype or config.param_dtype)
-  params: dict[str, dict] = {}
   for p in table(config):
     template = p.hf if naming == "hf" else p.gguf
     leaf = leaf_type(p.module, p.name, ((config.num_layers,) if p.stacked else ()) + p.our_shape(config), dtype)
@@ -134,8 +133,17 @@ def params_from_tensors(get: Callable[[str], np.ndarray], config: LlamaConfig, n
                         f"{p.hf_shape(config)}")
       if naming == "gguf" and p.gguf_heads:
         array = unpermute_gguf_rows(np.asarray(array), getattr(config, p.gguf_heads))
-      leaf.set(i, p.to_ours(np.asarray(array), config).astype(dtype, copy=False))
-    params.setdefault(p.module, {})[p.name] = leaf.finish()
+      converted = p.to_ours(np.asarray(array), config).astype(dtype, copy=False)
+      del array  # The read buffer goes before the device copy is made: one tensor less at the peak.
+      leaf.set(i, converted)
+    yield p.module, p.name, leaf.finish()
+
+
+def params_from_tensors(*args, **kwargs) -> dict:
+  """The whole parameter tree from `iter_params(*args, **kwargs)`."""
+  params: dict[str, dict] = {}
+  for module, name, leaf in iter_params(*args, **kwargs):
+    params.setdefault(module, {})[name] = leaf
   return params
 
 
