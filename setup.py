@@ -27,6 +27,8 @@ INSTALL_REQUIRES = [
     "array_record>=0.5",
     "grain>=0.2.2",
     "importlib_resources",  # TFDS imports it to prepare builders in a package, declaring it only for Python < 3.9.
+    # Training curves as TensorBoard event files without TensorFlow (t5x and MaxText write the same scalars).
+    "tensorboardX>=2.6",
     # Peak-memory figures in the memory report and the conversion bench.
     "psutil>=5.9",
 ]

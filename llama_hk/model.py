@@ -42,16 +42,27 @@ _REMAT_POLICIES = {
 
 
 class KVCache(NamedTuple):
-  """Keys and values of every layer, written at `end_index` (per row) by each forward pass."""
-  k: jax.Array  # (L, B, S, G, K)
-  v: jax.Array  # (L, B, S, G, K)
+  """Keys and values of every layer, written at `end_index` (per row) by each forward pass.
+
+  Heads come before slots so that attention reads each layer's (B, G, S, K) block without a transpose.
+  """
+  k: jax.Array  # (L, B, G, S, K)
+  v: jax.Array  # (L, B, G, S, K)
   end_index: jax.Array  # (B,) int32: slots filled so far in each row.
 
 
 def init_cache(config: LlamaConfig, batch: int, length: int) -> KVCache:
-  shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
-  zeros = jnp.zeros(shape, config.compute_dtype)  # (L, B, S, G, K)
-  return KVCache(k=zeros, v=zeros, end_index=jnp.zeros((batch,), jnp.int32))
+  shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)  # (L, B, G, S, K)
+  # Two buffers, not one shared: a caller may donate both.
+  return KVCache(k=jnp.zeros(shape, config.compute_dtype), v=jnp.zeros(shape, config.compute_dtype),
+                 end_index=jnp.zeros((batch,), jnp.int32))
+
+
+def pad_cache(cache: KVCache, length: int) -> KVCache:
+  """The cache with empty slots appended up to `length`: a prefill can run on a cache just long enough for the
+  prompt (attention then reads T slots, not S) and hand its cache to decode steps with room to grow."""
+  pad = [(0, 0), (0, 0), (0, 0), (0, length - cache.k.shape[3]), (0, 0)]
+  return cache._replace(k=jnp.pad(cache.k, pad), v=jnp.pad(cache.v, pad))  # (L, B, G, S, K) x 2
 
 
 def rope_frequencies(config: LlamaConfig) -> np.ndarray:
@@ -126,7 +137,7 @@ class Attention(hk.Module):
     self.config = config
 
   def __call__(self, x, positions, mask, cache_kv=None, cache_end=None):
-    """x (B, T, D); mask (B, T, S); cache_kv: ((B, S, G, K), (B, S, G, K)) or None."""
+    """x (B, T, D); mask (B, T, S); cache_kv: (k (L, B, G, S, K), v (L, B, G, S, K), this layer's index) or None."""
     c = self.config
     d, n, g, k = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
     q = jnp.einsum("BTD,DNK->BTNK", x, _param("q_proj", [d, n, k], c))  # (B, T, N, K)
@@ -135,18 +146,23 @@ class Attention(hk.Module):
     inv_freq = rope_frequencies(c)
     q = apply_rope(q, positions, inv_freq)  # (B, T, N, K)
     key = apply_rope(key, positions, inv_freq)  # (B, T, G, K)
-    if cache_kv is not None:
-      write = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice_in_dim(buf, new, start, axis=0))
-      key = write(cache_kv[0], key.astype(cache_kv[0].dtype), cache_end)  # (B, S, G, K)
-      value = write(cache_kv[1], value.astype(cache_kv[1].dtype), cache_end)  # (B, S, G, K)
-      cache_kv = (key, value)
     b, t = x.shape[:2]
+    kv_layout = "BSGK"
+    if cache_kv is not None:
+      cache_k, cache_v, layer = cache_kv
+      rows = jnp.arange(b)[:, None]  # (B, 1)
+      slots = cache_end[:, None] + jnp.arange(t)[None, :]  # (B, T)
+      # In place, this layer's new slots only.
+      cache_k = cache_k.at[layer, rows, :, slots].set(key.astype(cache_k.dtype), mode="drop")  # (L, B, G, S, K)
+      cache_v = cache_v.at[layer, rows, :, slots].set(value.astype(cache_v.dtype), mode="drop")  # (L, B, G, S, K)
+      key, value, kv_layout = cache_k[layer], cache_v[layer], "BGSK"  # (B, G, S, K) x 2
+      cache_kv = (cache_k, cache_v, layer + 1)
     q = q.reshape(b, t, g, n // g, k)  # (B, T, G, H, K)
-    logits = jnp.einsum("BTGHK,BSGK->BGHTS", q, key, preferred_element_type=jnp.float32)  # (B, G, H, T, S)
+    logits = jnp.einsum(f"BTGHK,{kv_layout}->BGHTS", q, key, preferred_element_type=jnp.float32)  # (B, G, H, T, S)
     logits = logits * (k ** -0.5)
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)  # (B, G, H, T, S)
     probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)  # (B, G, H, T, S)
-    out = jnp.einsum("BGHTS,BSGK->BTGHK", probs, value).reshape(b, t, n, k)  # (B, T, N, K)
+    out = jnp.einsum(f"BGHTS,{kv_layout}->BTGHK", probs, value).reshape(b, t, n, k)  # (B, T, N, K)
     out = jnp.einsum("BTNK,NKD->BTD", out, _param("out_proj", [n, k, d], c))  # (B, T, D)
     return out, cache_kv
 
@@ -162,7 +178,7 @@ class MLP(hk.Module):
     c = self.config
     gate = jnp.einsum("BTD,DF->BTF", x, _param("gate_proj", [c.d_model, c.d_ff], c))  # (B, T, F)
     up = jnp.einsum("BTD,DF->BTF", x, _param("up_proj", [c.d_model, c.d_ff], c))  # (B, T, F)
-    hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))  # (B, T, F)
+    hidden = sharding.constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))  # (B, T, F)
     return jnp.einsum("BTF,FD->BTD", hidden, _param("down_proj", [c.d_ff, c.d_model], c))  # (B, T, D)
 
 
@@ -179,7 +195,7 @@ class DecoderBlock(hk.Module):
         RMSNorm(self.config, name="input_norm")(x), positions, mask, cache_kv, cache_end)
     x = x + attn_out  # (B, T, D)
     x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attn_norm")(x))  # (B, T, D)
-    return sharding.constrain(x, ("batch", "length", "embed")), cache_kv
+    return sharding.constrain(x, ("act_batch", "act_length", "act_embed")), cache_kv
 
 
 def make_forward(config: LlamaConfig) -> hk.Transformed:
@@ -195,11 +211,13 @@ class Llama(hk.Module):
     self.config = config
 
   @hk.transparent
-  def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
+  def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None, logits_at=None):
     """tokens, positions, segment_ids: (B, T) int32. Returns logits (B, T, V) and the extended cache (or None).
 
     segment_ids: packed documents carry 1, 2, ...; padding carries 0. With a cache, the row's padding must
     come last: its cache end advances by the row's non-padding tokens only.
+    logits_at: (B,) int32, or None: return only the logits (B, 1, V) at this time index of each row (a prefill
+    needs just its last prompt position's, and the full (B, T, V) would cost T times the head's work).
     """
     c = self.config
     b, t = tokens.shape
@@ -212,23 +230,31 @@ class Llama(hk.Module):
       embeddings = hk.get_parameter("embeddings", [c.vocab_size, c.d_model], c.param_dtype,
                                     init=hk.initializers.TruncatedNormal(_INIT_STDDEV))  # (V, D)
     x = jnp.take(embeddings, tokens, axis=0).astype(c.compute_dtype)  # (B, T, D)
-    x = sharding.constrain(x, ("batch", "length", "embed"))
+    x = sharding.constrain(x, ("act_batch", "act_length", "act_embed"))
     cache_end = None if cache is None else cache.end_index
-    mask = attention_mask(positions, segment_ids, cache_end, None if cache is None else cache.k.shape[2])
+    mask = attention_mask(positions, segment_ids, cache_end, None if cache is None else cache.k.shape[3])
 
-    def block(x, *layer_cache):
-      return DecoderBlock(c)(x, positions, mask, layer_cache or None, cache_end)
+    def block(x):
+      return DecoderBlock(c)(x, positions, mask)[0]
+
+    def cached_block(carry):
+      x, cache_kv = DecoderBlock(c)(carry[0], positions, mask, carry[1:], cache_end)
+      return (x, *cache_kv)
 
     policy = _REMAT_POLICIES[c.remat_policy]
     if policy is not None:
       block = hk.remat(block, policy=policy)
     if cache is None:
-      x = hk.layer_stack(c.num_layers, name="decoder")(lambda x: block(x)[0])(x)  # (B, T, D)
+      x = hk.layer_stack(c.num_layers, name="decoder")(block)(x)  # (B, T, D)
       new_cache = None
     else:
-      x, (k, v) = hk.layer_stack(c.num_layers, with_per_layer_inputs=True, name="decoder")(block)(
-          x, cache.k, cache.v)  # (B, T, D), (L, B, S, G, K) x 2
+      # The whole cache rides in the scan's carry, updated in place: passing per-layer slices in and out as
+      # scanned inputs and outputs would copy the entire cache at every decode step.
+      x, k, v, _ = hk.layer_stack(c.num_layers, name="decoder")(cached_block)(
+          (x, cache.k, cache.v, jnp.int32(0)))  # (B, T, D), (L, B, G, S, K) x 2
       new_cache = KVCache(k=k, v=v, end_index=cache.end_index + jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32))
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # (B, 1, D)
     x = RMSNorm(c, name="norm")(x)  # (B, T, D)
     if c.tie_embeddings:
       head = embeddings.astype(c.compute_dtype).T  # (D, V)

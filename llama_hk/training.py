@@ -1,0 +1,211 @@
+"""The training step: loss, optimizer and one pure update `train_step(state, batch) -> (state, metrics)`.
+
+Numerics: master weights, gradients and optimizer moments are float32 (`param_dtype`); the model casts them to
+`compute_dtype` where it uses them (bfloat16 compute keeps float32 masters). Rematerialization follows
+`config.remat_policy`, applied inside the model's layer scan.
+
+The loss is the mean next-token cross-entropy over the tokens the packing `loss_mask` marks, plus an optional
+z-loss (PaLM's `z_loss_weight * logsumexp(logits)^2`, same mask and mean) that keeps the softmax normalizer near
+zero. With gradient accumulation the batch is split into micro-batches run in a `scan`; each micro-batch's loss is
+normalized by the whole batch's token count, so the summed gradient is exactly that of the whole batch.
+
+The optimizer is optax AdamW (decoupled weight decay, PyTorch's formulation) with decay masked off norm scales and
+embeddings, after global-norm clipping, on a linear-warmup-then-cosine (or constant) learning rate.
+"""
+
+import math
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from llama_hk import model as model_lib
+from llama_hk.config import LlamaConfig, num_params
+from llama_hk.errors import UserError
+
+BATCH_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask")
+NO_DECAY_MODULES = ("embedding",)  # Besides every norm scale.
+
+
+class TrainState(NamedTuple):
+  """Everything a step changes; a pytree, so it is jitted, sharded, donated and checkpointed whole."""
+  step: jax.Array  # int32 scalar: updates applied so far.
+  params: Any  # The Haiku parameter tree, float32 master weights.
+  opt_state: Any  # optax state: AdamW moments shaped like params, and counters.
+  rng: jax.Array  # uint32 key data; the model has no stochastic layers, so it is only carried for a resume.
+
+
+class Optimizer(NamedTuple):
+  transform: optax.GradientTransformation
+  learning_rate: optax.Schedule  # Step -> the rate the update of that step uses (the `learning_rate` metric).
+
+
+def weight_decay_mask(params) -> Any:
+  """True where weight decay applies: the matrices, not norm scales or embeddings (as LLaMA/GPT recipes do)."""
+  return {module: {name: not (name == "scale" or module in NO_DECAY_MODULES) for name in leaves}
+          for module, leaves in params.items()}
+
+
+def learning_rate_schedule(peak_learning_rate: float, total_steps: int, warmup_steps: int = 0,
+                           schedule: str = "cosine", final_fraction: float = 0.1) -> optax.Schedule:
+  """Linear warmup from 0 to the peak, then cosine decay to `final_fraction * peak` at `total_steps` (or constant)."""
+  if schedule == "constant":
+    if not warmup_steps:
+      return optax.constant_schedule(peak_learning_rate)
+    return optax.join_schedules([optax.linear_schedule(0.0, peak_learning_rate, warmup_steps),
+                                 optax.constant_schedule(peak_learning_rate)], [warmup_steps])
+  if schedule != "cosine":
+    raise UserError(f"learning rate schedule {schedule!r}: must be 'cosine' or 'constant'")
+  if not 0 <= warmup_steps < total_steps:
+    raise UserError(f"warmup_steps={warmup_steps} must be in [0, total_steps={total_steps})")
+  return optax.warmup_cosine_decay_schedule(0.0, peak_learning_rate, warmup_steps, total_steps,
+                                            end_value=final_fraction * peak_learning_rate)
+
+
+def make_optimizer(total_steps: int, peak_learning_rate: float = 3e-4, warmup_steps: int = 0,
+                   schedule: str = "cosine", final_fraction: float = 0.1, b1: float = 0.9, b2: float = 0.95,
+                   eps: float = 1e-8, weight_decay: float = 0.1, clip_norm: float | None = 1.0) -> Optimizer:
+  """AdamW with masked decay after global-norm clipping (None: no clipping), on the schedule above."""
+  learning_rate = learning_rate_schedule(peak_learning_rate, total_steps, warmup_steps, schedule, final_fraction)
+  adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask)
+  transform = adamw if clip_norm is None else optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
+  return Optimizer(transform, learning_rate)
+
+
+def init_state(config: LlamaConfig, optimizer: Optimizer, seed: int = 0, params=None) -> TrainState:
+  """A fresh state: `params` (e.g. a loaded checkpoint's) or a random initialization from `seed`."""
+  rng = jax.random.PRNGKey(seed)
+  if params is None:
+    params = model_lib.make_forward(config).init(rng, jnp.zeros((1, 2), jnp.int32))
+  params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.transform.init(params),
+                    rng=rng)
+
+
+def masked_losses(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array):
+  """Summed cross-entropy and summed z-loss term (logsumexp^2) over the masked tokens: logits (B, T, V)."""
+  logits = logits.astype(jnp.float32)
+  log_normalizer = jax.nn.logsumexp(logits, axis=-1)  # (B, T)
+  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # (B, T)
+  nll = log_normalizer - target_logits  # (B, T)
+  return jnp.sum(nll * loss_mask), jnp.sum(jnp.square(log_normalizer) * loss_mask)
+
+
+def _micro_batches(batch: dict, count: int) -> dict:
+  """(B, T) -> (count, B / count, T), micro-batch i taking rows i, i + count, ...
+
+  Reshaping to (B / count, count) first keeps the batch axis's data-parallel split intact (no resharding).
+  """
+  def split(x):
+    b = x.shape[0]
+    if b % count:
+      raise UserError(f"batch size {b} is not a multiple of grad_accum_steps={count}")
+    return jnp.swapaxes(x.reshape(b // count, count, *x.shape[1:]), 0, 1)
+  return {key: split(batch[key]) for key in BATCH_KEYS}
+
+
+def make_train_step(config: LlamaConfig, optimizer: Optimizer, z_loss_weight: float = 0.0,
+                    grad_accum_steps: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """The pure step: batch (B, T) arrays -> the updated state and {"loss", "z_loss", "learning_rate", "grad_norm"}."""
+  forward = model_lib.make_forward(config)
+
+  def step(state: TrainState, batch: dict):
+    total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+
+    def objective(params, micro):
+      logits, _ = forward.apply(params, micro["tokens"], micro["positions"], micro["segment_ids"])  # (b, T, V)
+      nll_sum, z_sum = masked_losses(logits, micro["targets"], micro["loss_mask"])
+      loss = nll_sum / total_tokens
+      return loss + z_loss_weight * z_sum / total_tokens, (loss, z_sum / total_tokens)
+
+    grad_fn = jax.grad(objective, has_aux=True)
+    if grad_accum_steps == 1:
+      grads, (loss, z_loss) = grad_fn(state.params, batch)
+    else:
+      def accumulate(carry, micro):
+        grads, (loss, z_loss) = grad_fn(state.params, micro)
+        return jax.tree.map(jnp.add, carry, (grads, loss, z_loss)), None
+      zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
+      (grads, loss, z_loss), _ = jax.lax.scan(accumulate, zeros, _micro_batches(batch, grad_accum_steps))
+    updates, opt_state = optimizer.transform.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "z_loss": z_loss, "learning_rate": optimizer.learning_rate(state.step),
+               "grad_norm": optax.tree.norm(grads)}
+    return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+
+  return step
+
+
+def make_eval_step(config: LlamaConfig) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
+  """params, batch -> (summed NLL in nats, scored tokens) over the batch's masked tokens."""
+  forward = model_lib.make_forward(config)
+
+  def step(params, batch):
+    logits, _ = forward.apply(params, batch["tokens"], batch["positions"], batch["segment_ids"])
+    nll_sum, _ = masked_losses(logits, batch["targets"], batch["loss_mask"])
+    return nll_sum, jnp.sum(batch["loss_mask"])
+
+  return step
+
+
+def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward = 3 x forward): 6 per matmul weight, plus attention's scores.
+
+  The embedding lookup is no matmul; the output head is. Attention: QK^T and PV are 2 * 2 * T * N * K
+  forward FLOPs per token and layer, counting the full causal square as most kernels compute it.
+  """
+  matmul_weights = num_params(config, with_lm_head=True) - config.vocab_size * config.d_model
+  attention = 4 * seq_len * config.num_heads * config.head_dim * config.num_layers
+  return 6.0 * matmul_weights + 3.0 * attention
+
+
+# Dense bfloat16 peaks (FLOP/s per device) of known accelerators, for MFU.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+              "NVIDIA A100": 312e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12}
+
+
+def measure_matmul_peak(size: int = 1024, dtype=jnp.float32, seconds: float = 0.5) -> float:
+  """FLOP/s of one device on a square float32 matmul: the MFU denominator where no peak is tabulated (CPUs)."""
+  a = jnp.ones((size, size), dtype)
+  matmul = jax.jit(lambda x: x @ a)
+  x = matmul(a).block_until_ready()
+  runs, start = 0, time.perf_counter()
+  while time.perf_counter() - start < seconds:
+    x = matmul(x)
+    runs += 1
+  x.block_until_ready()
+  return 2.0 * size ** 3 * runs / (time.perf_counter() - start)
+
+
+def device_peak_flops(device=None) -> float:
+  """The tabulated peak of the device kind, else a measured float32 matmul peak."""
+  kind = (device or jax.devices()[0]).device_kind
+  for name, peak in PEAK_FLOPS.items():
+    if kind.startswith(name):
+      return peak
+  return measure_matmul_peak()
+
+
+def bytes_of_scored_text(batch: dict[str, np.ndarray], tokenizer) -> int:
+  """UTF-8 bytes of the text a batch's targets spell, by decoding each packed segment.
+
+  A segment scores tokens[1:]; its text is decode(segment) less decode(first token) (special tokens decode to
+  nothing, and a leading dummy-prefix space is dropped from both alike).
+  """
+  total = 0
+  for tokens, segments, mask in zip(batch["tokens"], batch["segment_ids"], batch["loss_mask"]):
+    for segment in np.unique(segments[segments != 0]):
+      ids = tokens[segments == segment]
+      if not mask[segments == segment].any():
+        continue
+      whole = tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8")
+      first = tokenizer.decode(ids[:1], skip_special_tokens=True).encode("utf-8")
+      total += len(whole) - len(first)
+  return total
+
+
+def bits_per_byte(nll_nats: float, num_bytes: int) -> float:
+  return nll_nats / math.log(2) / num_bytes if num_bytes else float("nan")

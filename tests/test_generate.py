@@ -1,0 +1,336 @@
+"""Generation: greedy ids equal transformers' generate, the KV cache path equals the full forward pass, batching
+changes nothing, sampling draws from the filtered softmax, and bad input fails in one line (library and binary)."""
+
+import json
+import math
+import pathlib
+import re
+import subprocess
+import sys
+from concurrent import futures
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from llama_hk import checkpoints
+from llama_hk import generate as gen
+from llama_hk import model as model_lib
+from llama_hk import param_names
+from llama_hk.config import from_hf_config
+from llama_hk.errors import UserError
+from llama_hk.tokenizer import Tokenizer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+VOCAB = 288  # Room for the GGUF test tokenizer.
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _ours(hf_model):
+  """Our config and parameters for a transformers LlamaForCausalLM."""
+  config = from_hf_config(hf_model.config.to_dict())
+  tensors = {name: t.detach().numpy() for name, t in hf_model.state_dict().items()}
+  return config, param_names.params_from_hf(tensors, config)
+
+
+def _hf_greedy(hf_model, prompt: list[int], max_new_tokens: int, eos: int | None) -> list[int]:
+  """transformers' greedy continuation of one prompt, up to and including its first EOS (when eos is set)."""
+  with torch.no_grad():
+    out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0)
+  return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_hf_dir):
+  """Ours (loaded by checkpoints.load from the HF copy) and transformers' SmolLM2, both float32."""
+  import transformers
+  ckpt = checkpoints.load(smollm2_hf_dir)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32).eval()
+  return ckpt, hf
+
+
+def test_smollm2_greedy_matches_transformers(smollm2):
+  """Three prompts in one batch (one through the chat template, which ends at EOS) against transformers one by one."""
+  ckpt, hf = smollm2
+  tok = ckpt.tokenizer
+  prompts = [gen.prompt_ids(tok, "The three primary colors are"),
+             gen.prompt_ids(tok, "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"),
+             gen.prompt_ids(tok, "What is the capital of France?", chat=True)]
+  generator = gen.Generator(ckpt.config, ckpt.params, tok)
+  completions, stats = generator.generate(prompts, max_new_tokens=48)
+  for prompt, completion in zip(prompts, completions):
+    expected = _hf_greedy(hf, prompt, 48, eos=tok.eos_id)
+    assert completion.ids == expected
+  assert completions[2].finish_reason == "stop" and completions[2].ids[-1] == tok.eos_id
+  assert len(completions[2].ids) < 48 and completions[2].text == "The capital of France is Paris."
+  assert [c.finish_reason for c in completions[:2]] == ["length", "length"]
+  assert stats.generated_tokens == sum(len(c.ids) for c in completions)
+  assert completions[0].text == tok.decode(completions[0].ids)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(seed=11, num_attention_heads=4, num_key_value_heads=2),
+    dict(seed=12, num_attention_heads=6, num_key_value_heads=1, hidden_size=96, tie_word_embeddings=True),
+    dict(seed=13, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=3, random_norms=True),
+], ids=["gqa", "mqa_tied", "mha"])
+def test_random_models_greedy_match_transformers(tiny_hf_model, fields):
+  """Batched prompts of different lengths, no EOS: 40 greedy tokens each, equal to transformers' one by one."""
+  hf = tiny_hf_model(**fields)
+  config, params = _ours(hf)
+  rng = np.random.default_rng(fields["seed"])
+  prompts = [rng.integers(3, config.vocab_size, size=n).tolist() for n in (5, 17, 1)]
+  completions, _ = gen.Generator(config, params).generate(prompts, max_new_tokens=40)
+  for prompt, completion in zip(prompts, completions):
+    assert completion.ids == _hf_greedy(hf, prompt, 40, eos=None)
+
+
+def test_cached_decode_logits_equal_full_forward(tiny_hf_model):
+  """Through generation's prefill (right-padded rows) and decode steps, every step's logits equal the full
+  forward pass at that position."""
+  hf = tiny_hf_model(seed=21, num_attention_heads=4, num_key_value_heads=2)
+  config, params = _ours(hf)
+  rng = np.random.default_rng(21)
+  lengths = np.array([3, 9, 6], np.int32)
+  steps = 12
+  sequences = rng.integers(0, config.vocab_size, size=(3, lengths.max() + steps)).astype(np.int32)
+  tokens = np.where(np.arange(lengths.max())[None] < lengths[:, None], sequences[:, :lengths.max()], 0)
+  full, _ = model_lib.make_forward(config).apply(params, jnp.asarray(sequences))  # (B, T + steps, V)
+  prefill = jax.jit(gen.prefill_logits, static_argnums=(3, 4))
+  step = jax.jit(gen.step_logits, static_argnums=(3,))
+  logits, cache = prefill(params, tokens, lengths, config, 32)
+  worst = 0.0
+  for k in range(steps):
+    at = lengths + k - 1  # The position whose logits these are.
+    expected = np.asarray(full)[np.arange(3), at]
+    worst = max(worst, float(np.abs(np.asarray(logits) - expected).max()))
+    logits, cache = step(params, jnp.asarray(sequences[np.arange(3), lengths + k]), cache, config)
+  print(f"cached vs full forward: max abs logits diff {worst:.2e}")
+  assert worst <= 1e-4
+  np.testing.assert_array_equal(np.asarray(cache.end_index), lengths + steps)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_hf_model):
+  hf = tiny_hf_model(seed=31, vocab_size=VOCAB, num_attention_heads=4, num_key_value_heads=2)
+  config, params = _ours(hf)
+  return config, params
+
+
+def test_batched_equals_unbatched(tiny):
+  config, params = tiny
+  rng = np.random.default_rng(5)
+  prompts = [rng.integers(3, config.vocab_size, size=n).tolist() for n in (2, 30, 7, 15, 1)]
+  batched, _ = gen.Generator(config, params).generate(prompts, max_new_tokens=24)
+  grouped, stats = gen.Generator(config, params, max_batch=2, chunk_steps=5).generate(prompts, max_new_tokens=24)
+  assert stats.batches == 3
+  for prompt, row, row_grouped in zip(prompts, batched, grouped):
+    [alone], _ = gen.Generator(config, params).generate([prompt], max_new_tokens=24)
+    assert row.ids == alone.ids == row_grouped.ids
+
+
+def test_top_k_1_is_greedy_and_seeds_reproduce(tiny):
+  config, params = tiny
+  generator = gen.Generator(config, params, chunk_steps=4)
+  prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+  greedy, _ = generator.generate(prompts, max_new_tokens=20)
+  top1, _ = generator.generate(prompts, max_new_tokens=20, sampling=gen.Sampling(temperature=0.7, top_k=1), seed=3)
+  assert [c.ids for c in top1] == [c.ids for c in greedy]
+  hot = gen.Sampling(temperature=1.5, top_p=0.95)
+  first, _ = generator.generate(prompts, max_new_tokens=20, sampling=hot, seed=7)
+  again, _ = generator.generate(prompts, max_new_tokens=20, sampling=hot, seed=7)
+  other, _ = generator.generate(prompts, max_new_tokens=20, sampling=hot, seed=8)
+  assert [c.ids for c in first] == [c.ids for c in again]
+  assert [c.ids for c in first] != [c.ids for c in other]
+
+
+def _filtered_softmax(logits: np.ndarray, sampling: gen.Sampling) -> np.ndarray:
+  """transformers' recipe, written with a sort: temperature, top-k, then top-p (keep while the mass before < p)."""
+  z = logits.astype(np.float64) / sampling.temperature
+  if sampling.top_k:
+    z = np.where(z >= np.sort(z)[-sampling.top_k], z, -np.inf)
+  p = np.exp(z - z.max())
+  p /= p.sum()
+  order = np.argsort(-p, kind="stable")
+  before = np.cumsum(p[order]) - p[order]
+  keep = np.zeros_like(p, bool)
+  keep[order[before < sampling.top_p]] = True
+  p = np.where(keep, p, 0)
+  return p / p.sum()
+
+
+@pytest.mark.parametrize("sampling", [
+    gen.Sampling(temperature=1.0), gen.Sampling(temperature=0.6, top_k=12), gen.Sampling(temperature=1.3, top_p=0.7),
+    gen.Sampling(temperature=2.0, top_k=40, top_p=0.9)], ids=["t1", "t0.6_k12", "t1.3_p0.7", "t2_k40_p0.9"])
+def test_sampling_matches_filtered_softmax(tiny, sampling):
+  """4096 first tokens of one prompt (one row each) against the expected distribution: no draw outside the kept
+  set, and Pearson's chi-square below its 1 - 1e-5 quantile (Wilson-Hilferty), with bins of expected count < 5
+  pooled. The seed is fixed, so the outcome is too."""
+  config, params = tiny
+  prompt = [17, 99, 4, 250, 31]
+  draws = 4096
+  completions, _ = gen.Generator(config, params, max_batch=draws).generate([prompt] * draws, max_new_tokens=1,
+                                                                            sampling=sampling, seed=1234)
+  counts = np.bincount([c.ids[0] for c in completions], minlength=config.vocab_size)
+  logits, _ = model_lib.make_forward(config).apply(params, jnp.asarray([prompt]))
+  expected = _filtered_softmax(np.asarray(logits)[0, -1], sampling) * draws
+  assert counts[expected == 0].sum() == 0
+  kept = expected > 0
+  big = kept & (expected >= 5)
+  observed_bins = np.append(counts[big], counts[kept & ~big].sum())
+  expected_bins = np.append(expected[big], expected[kept & ~big].sum())
+  if expected_bins[-1] == 0:
+    observed_bins, expected_bins = observed_bins[:-1], expected_bins[:-1]
+  chi2 = float((((observed_bins - expected_bins) ** 2) / expected_bins).sum())
+  df = len(expected_bins) - 1
+  z = 4.265  # Standard normal 1 - 1e-5 quantile.
+  bound = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+  print(f"{sampling}: {kept.sum()} tokens kept, chi2 {chi2:.1f} (df {df}, bound {bound:.1f})")
+  assert chi2 < bound
+
+
+def test_top_p_threshold_is_exact():
+  probs = jnp.asarray([[0.5, 0.2, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25], [1.0, 0, 0, 0]], jnp.float32)
+  expected = {0.7: [0.2, 0.25, 1.0], 0.5: [0.5, 0.25, 1.0]}  # Exactly p_m, as float32.
+  for top_p, thresholds in expected.items():
+    np.testing.assert_array_equal(np.asarray(gen.top_p_threshold(probs, top_p))[:, 0],
+                                  np.asarray(thresholds, np.float32))
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, tiny_hf_model, write_tiny_gguf) -> pathlib.Path:
+  """A tiny random model with a byte-level BPE tokenizer, as a GGUF file."""
+  path = tmp_path_factory.mktemp("generate") / "tiny.gguf"
+  write_tiny_gguf(path, tiny_hf_model(seed=41, vocab_size=VOCAB, max_position_embeddings=64))
+  return path
+
+
+def test_stop_ids_stop_strings_and_streaming(tiny_gguf):
+  ckpt = checkpoints.load(tiny_gguf)
+  generator = gen.Generator(ckpt.config, ckpt.params, ckpt.tokenizer)
+  prompt = gen.prompt_ids(ckpt.tokenizer, "the hen")
+  [free], _ = generator.generate([prompt], max_new_tokens=30, use_eos=False)
+  assert free.finish_reason == "length" and len(free.ids) == 30
+
+  stop_id = free.ids[10]
+  [by_id], _ = generator.generate([prompt], max_new_tokens=30, stop_ids=[stop_id], use_eos=False)
+  assert by_id.ids == free.ids[:free.ids.index(stop_id) + 1] and by_id.finish_reason == "stop"
+
+  stop = free.text[len(free.text) // 2:][:3]
+  streamed = []
+  [by_text], _ = generator.generate([prompt], max_new_tokens=30, stop_strings=[stop], use_eos=False,
+                                    on_tokens=lambda row, ids, text: streamed.append((row, ids, text)))
+  assert stop not in by_text.text and by_text.text == free.text[:free.text.index(stop)]
+  assert by_text.finish_reason == "stop" and by_text.ids == free.ids[:len(by_text.ids)]
+  assert "".join(text for _, _, text in streamed) == by_text.text
+  assert sum((ids for _, ids, _ in streamed), []) == by_text.ids
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_dir(tiny_gguf, tmp_path_factory) -> pathlib.Path:
+  """The tiny GGUF model as an HF directory whose tokenizer has a ChatML template."""
+  ckpt = checkpoints.load(tiny_gguf, on_device=False)
+  tokenizer_config = json.loads(ckpt.tokenizer.files["tokenizer_config.json"])
+  tokenizer_config["chat_template"] = CHATML
+  files = {**ckpt.tokenizer.files, "tokenizer_config.json": json.dumps(tokenizer_config).encode()}
+  path = tmp_path_factory.mktemp("generate") / "tiny_chat"
+  checkpoints.export_hf(path, ckpt.config, ckpt.params, Tokenizer(files))
+  return path
+
+
+def test_chat_keeps_the_conversation(tiny_chat_dir):
+  tokenizer = Tokenizer.from_dir(tiny_chat_dir)
+  chat = gen.Chat(tokenizer)
+  first = chat.prompt_ids("hi there")
+  chat.add_reply("hello")
+  second = chat.prompt_ids("the end")
+  assert second[:len(first)] == first and first[0] == tokenizer.bos_id  # <|im_start|> is the BOS here.
+  assert tokenizer.decode(second).endswith("<|im_start|>user\nthe end<|im_end|>\n<|im_start|>assistant\n")
+  assert "<|im_start|>assistant\nhello<|im_end|>" in tokenizer.decode(second)
+
+
+def test_bad_input_raises_user_error(tiny, tiny_gguf):
+  config, params = tiny
+  generator = gen.Generator(config, params)
+  cases = {
+      "the prompt is empty": lambda: gen.prompt_ids(checkpoints.load(tiny_gguf).tokenizer, ""),
+      "prompt 1 is empty": lambda: generator.generate([[4], []], max_new_tokens=4),
+      "no prompts": lambda: generator.generate([], max_new_tokens=4),
+      "exceeds the model's max_seq_len=512": lambda: generator.generate([[4] * 500], max_new_tokens=13),
+      "max_new_tokens=0": lambda: generator.generate([[4]], max_new_tokens=0),
+      "temperature=-0.5": lambda: gen.Sampling(temperature=-0.5),
+      "top_p=0": lambda: gen.Sampling(top_p=0),
+      "top_p=1.5": lambda: gen.Sampling(top_p=1.5),
+      "top_k=-1": lambda: gen.Sampling(top_k=-1),
+      "outside [0, 288)": lambda: generator.generate([[4, 300]], max_new_tokens=4),
+      "stop strings need a tokenizer": lambda: generator.generate([[4]], max_new_tokens=4, stop_strings=["x"]),
+  }
+  for message, call in cases.items():
+    with pytest.raises(UserError, match=re.escape(message)):
+      call()
+  generator.generate([[4] * 500], max_new_tokens=12)  # Exactly max_seq_len is fine.
+
+
+def _run(args, stdin=None, cache_dir=None):
+  cache = [f"--compilation_cache_dir={cache_dir}"] if cache_dir else ["--compilation_cache_dir="]
+  return subprocess.run([sys.executable, str(REPO / "bin" / "generate"), *args, *cache], input=stdin,
+                        capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def test_binary(tiny_gguf, tiny_chat_dir, tmp_path):
+  """Good runs (single prompt streamed + JSON, a prompt file, an interactive chat) and bad input, in parallel."""
+  out_json = tmp_path / "out.json"
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("the hen\nthe\n")
+  blank = tmp_path / "blank.txt"
+  blank.write_text("the hen\n\nthe\n")
+  ckpt = f"--checkpoint={tiny_gguf}"
+  jobs = {
+      "single": ([ckpt, "--prompt=the hen", "--max_new_tokens=12", "--temperature=0.8", "--top_k=20",
+                  f"--output_json={out_json}"], None, tmp_path / "jax_cache"),
+      "file": ([ckpt, f"--prompt_file={prompts}", "--max_new_tokens=5"], None, None),
+      "interactive": ([f"--checkpoint={tiny_chat_dir}", "--interactive", "--max_new_tokens=4",
+                       "--gin_bindings=generate_main.chunk_steps = 2"], "the hen\n\nthe\n", None),
+      "temperature": ([ckpt, "--prompt=x", "--temperature=-1"], None, None),
+      "top_p": ([ckpt, "--prompt=x", "--top_p=0"], None, None),
+      "top_k": ([ckpt, "--prompt=x", "--top_k=-3"], None, None),
+      "empty": ([ckpt, "--prompt="], None, None),
+      "too_long": ([ckpt, "--prompt=the hen", "--max_new_tokens=64"], None, None),
+      "missing": (["--checkpoint=/no/such/ckpt", "--prompt=x"], None, None),
+      "blank_line": ([ckpt, f"--prompt_file={blank}"], None, None),
+      "no_prompt": ([ckpt], None, None),
+  }
+  with futures.ThreadPoolExecutor(2) as pool:
+    runs = {name: pool.submit(_run, *job) for name, job in jobs.items()}
+    runs = {name: run.result() for name, run in runs.items()}
+
+  good = runs.pop("single")
+  assert good.returncode == 0, good.stderr
+  result = json.loads(out_json.read_text())
+  [row] = result["results"]
+  assert row["prompt"] == "the hen" and len(row["ids"]) == 12 and good.stdout == row["completion"] + "\n"
+  assert result["stats"]["generated_tokens"] == 12 and result["stats"]["prompt_tokens"] > 0
+  assert "time to first token" in good.stderr and "tokens/s" in good.stderr
+  assert any((tmp_path / "jax_cache").iterdir())  # The persistent compilation cache was written.
+  assert not list(tmp_path.glob(".out.json.*"))
+  file_run = runs.pop("file")
+  assert file_run.returncode == 0, file_run.stderr
+  assert file_run.stdout.count("\n\n") >= 2
+  chat = runs.pop("interactive")
+  assert chat.returncode == 0, chat.stderr
+  assert chat.stderr.count("time to first token") == 2  # Two turns; the blank line is skipped.
+
+  expected = {
+      "temperature": "temperature=-1.0: must be >= 0", "top_p": "top_p=0.0: must be in (0, 1]",
+      "top_k": "top_k=-3: must be >= 0", "empty": "the prompt is empty",
+      "too_long": "exceeds the model's max_seq_len=64", "missing": "/no/such/ckpt: no such file or directory",
+      "blank_line": f"{blank}:2: empty prompt", "no_prompt": "give either --prompt",
+  }
+  for name, message in expected.items():
+    run = runs[name]
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 1 and len(lines) == 1 and message in lines[0], (name, run.stderr)
+    assert run.stdout == ""
