@@ -36,8 +36,18 @@ def setup_jax() -> None:
                                process_id=FLAGS.process_id)
 
 
-def print_memory_report(config, mesh) -> None:
-  """The --dry_run report: parameters per device on `mesh`, from shapes alone (nothing is allocated)."""
+def dry_run_config(checkpoint: str | None):
+  """The model a --dry_run lays out: --checkpoint's config (no weights read), else the gin macro MODEL_CONFIG."""
+  from llama_hk import checkpoints
+  config = checkpoints.load_config(checkpoint) if checkpoint else gin_macro("MODEL_CONFIG")
+  if config is None:
+    raise UserError("--dry_run needs --checkpoint or a --gin_file defining MODEL_CONFIG")
+  return config
+
+
+def print_memory_report(config, mesh, extra: dict | None = None) -> None:
+  """The --dry_run report: parameters per device on `mesh` (and a binary's `extra` figures), from shapes alone
+  (nothing is allocated)."""
   import jax
   from llama_hk import sharding
   from llama_hk.config import num_params
@@ -46,7 +56,7 @@ def print_memory_report(config, mesh) -> None:
   total = num_params(config) * np.dtype(config.param_dtype).itemsize
   report = {"mesh": dict(mesh.shape), "devices": mesh.size, "parameters": num_params(config),
             "param_bytes_total": total, "param_bytes_per_device": per_device,
-            "param_gib_per_device": round(per_device / 2**30, 3)}
+            "param_gib_per_device": round(per_device / 2**30, 3), **(extra or {})}
   if jax.process_index() == 0:
     print(json.dumps(report))
 

@@ -14,9 +14,14 @@ The decode loop is a jitted function that runs up to `chunk_steps` steps in a `l
 state (the cache above all). The host dispatches the next call before it reads the last call's tokens, so the
 device does not wait while the host streams tokens, detokenizes and checks stop strings.
 
+With a mesh, parameters are sharded by `sharding.param_specs`, the rows over the data-parallel axes that divide
+the batch (`sharding.DecodeLayout`) and the cache's heads over `tensor`; sampled tokens come back replicated, so
+that every process of a multi-host run reads the same ones and takes the same steps.
+
 Shape glossary: B batch, T prompt time, S cache length, V vocab, C candidate tokens (V, or top_k).
 """
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -30,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_hk import model
+from llama_hk import sharding
 from llama_hk.config import LlamaConfig
 from llama_hk.errors import UserError
 from llama_hk.tokenizer import Tokenizer
@@ -124,7 +130,8 @@ class _State(NamedTuple):
   key: jax.Array  # Sampling key; the k-th token of every row is drawn with fold_in(key, k).
 
 
-def prefill_logits(params, tokens, lengths, config: LlamaConfig, cache_len: int):
+def prefill_logits(params, tokens, lengths, config: LlamaConfig, cache_len: int,
+                   layout: sharding.DecodeLayout | None = None):
   """Runs the prompts (B, T), right-padded, into a fresh cache, returned with cache_len slots.
 
   Returns each row's logits (B, V) at its last prompt token (lengths - 1) and the cache, whose end_index is then
@@ -134,29 +141,55 @@ def prefill_logits(params, tokens, lengths, config: LlamaConfig, cache_len: int)
   b, t = tokens.shape
   segment_ids = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.int32)  # (B, T)
   last = jnp.maximum(lengths - 1, 0)  # (B,)
-  logits, cache = model.make_forward(config).apply(params, tokens, segment_ids=segment_ids,
-                                                   cache=model.init_cache(config, b, t), logits_at=last)  # (B, 1, V)
+  with _axis_rules(layout):
+    logits, cache = model.make_forward(config).apply(params, tokens, segment_ids=segment_ids,
+                                                     cache=model.init_cache(config, b, t), logits_at=last)  # (B, 1, V)
   return logits[:, 0], model.pad_cache(cache, cache_len)
 
 
-def step_logits(params, tokens, cache: model.KVCache, config: LlamaConfig):
+def step_logits(params, tokens, cache: model.KVCache, config: LlamaConfig,
+                layout: sharding.DecodeLayout | None = None):
   """One decode step: each row's token (B,) at the row's cache end. Returns logits (B, V) and the cache."""
-  logits, cache = model.make_forward(config).apply(params, tokens[:, None], cache=cache)  # (B, 1, V)
+  with _axis_rules(layout):
+    logits, cache = model.make_forward(config).apply(params, tokens[:, None], cache=cache)  # (B, 1, V)
   return logits[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling", "cache_len"))
-def _prefill(params, tokens, lengths, stop_ids, key, *, config: LlamaConfig, sampling: Sampling, cache_len: int):
+def _axis_rules(layout: sharding.DecodeLayout | None):
+  """The model's activation constraints for `layout` (none without one)."""
+  return sharding.axis_rules(layout.mesh, layout.rules()) if layout else contextlib.nullcontext()
+
+
+def _pin(tree, layout: sharding.DecodeLayout | None):
+  """Outputs laid out as `layout` says: one layout in and out of every call, so that a donated state is reused in
+  place and nothing compiles twice, and sampled tokens replicated, readable by every process."""
+  if layout is None:
+    return tree
+  cache, replicated = layout.cache_sharding(), layout.sharding()
+
+  def place(x):
+    if isinstance(x, model.KVCache):
+      return model.KVCache(jax.lax.with_sharding_constraint(x.k, cache), jax.lax.with_sharding_constraint(x.v, cache),
+                           jax.lax.with_sharding_constraint(x.end_index, replicated))
+    return jax.lax.with_sharding_constraint(x, replicated)
+
+  return jax.tree.map(place, tree, is_leaf=lambda x: isinstance(x, model.KVCache))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampling", "cache_len", "layout"))
+def _prefill(params, tokens, lengths, stop_ids, key, *, config: LlamaConfig, sampling: Sampling, cache_len: int,
+             layout: sharding.DecodeLayout | None = None):
   """The prompts into a fresh cache; samples each row's first token."""
-  logits, cache = prefill_logits(params, tokens, lengths, config, cache_len)  # (B, V)
+  logits, cache = prefill_logits(params, tokens, lengths, config, cache_len, layout)  # (B, V)
   first = sample(logits, jax.random.fold_in(key, 0), sampling)  # (B,)
   done = jnp.isin(first, stop_ids) | (lengths == 0)  # (B,)
-  return _State(cache, first, done, jnp.int32(1), key)
+  return _pin(_State(cache, first, done, jnp.int32(1), key), layout)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling", "chunk_steps"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("config", "sampling", "chunk_steps", "layout"),
+                   donate_argnames=("state",))
 def _decode(params, state: _State, stop_ids, max_steps, *, config: LlamaConfig, sampling: Sampling,
-            chunk_steps: int):
+            chunk_steps: int, layout: sharding.DecodeLayout | None = None):
   """Up to chunk_steps decode steps, fewer once every row is done or max_steps tokens are out.
 
   Returns the new state, the tokens (B, chunk_steps) (-1 for rows already done) and how many steps ran.
@@ -167,14 +200,14 @@ def _decode(params, state: _State, stop_ids, max_steps, *, config: LlamaConfig, 
 
   def step(carry):
     i, s, out = carry
-    logits, cache = step_logits(params, s.tokens, s.cache, config)  # (B, V)
+    logits, cache = step_logits(params, s.tokens, s.cache, config, layout)  # (B, V)
     tokens = sample(logits, jax.random.fold_in(s.key, s.step), sampling)  # (B,)
     out = out.at[:, i].set(jnp.where(s.done, -1, tokens))  # (B, chunk_steps)
     return i + 1, _State(cache, tokens, s.done | jnp.isin(tokens, stop_ids), s.step + 1, s.key), out
 
   out = jnp.full((state.tokens.shape[0], chunk_steps), -1, jnp.int32)  # (B, chunk_steps)
   steps, state, out = jax.lax.while_loop(should_continue, step, (jnp.int32(0), state, out))
-  return state, out, steps
+  return _pin((state, out, steps), layout)
 
 
 def bucket(n: int) -> int:
@@ -286,11 +319,12 @@ TokenCallback = Callable[[int, list[int], str | None], None]
 
 
 class Generator:
-  """Generates from one model: params placed on the device once, compiled functions reused across calls."""
+  """Generates from one model: params placed on the device (or mesh) once, compiled functions reused across calls."""
 
   def __init__(self, config: LlamaConfig, params, tokenizer: Tokenizer | None = None, *, max_batch: int = 8,
-               chunk_steps: int | None = None):
-    """max_batch: prompts decoded together (more are processed in groups); chunk_steps: decode steps per call.
+               chunk_steps: int | None = None, mesh=None):
+    """max_batch: prompts decoded together (more are processed in groups); chunk_steps: decode steps per call;
+    mesh: shard over this `sharding.make_mesh` mesh (params already laid out on it stay where they are).
 
     chunk_steps defaults to 1 (every token streams as soon as it exists, at no measurable cost), except for
     16-bit parameters on CPU: XLA:CPU computes in float32 and casts every weight at the start of each call,
@@ -304,7 +338,13 @@ class Generator:
     if chunk_steps < 1:
       raise UserError(f"chunk_steps={chunk_steps}: must be at least 1")
     self.config = config
-    self.params = jax.device_put(params)
+    self.mesh = mesh
+    self.params = jax.device_put(params, None if mesh is None else sharding.param_shardings(config, mesh))
+    # A batch of one decodes on XLA:CPU from a transposed copy of the matrix weights, which it streams without
+    # copying each layer's slice out of the stack (model.transpose_weights); prefills and larger batches are
+    # faster in the stored layout. The copy costs the matrix weights' bytes a second time.
+    self._batch1_params = (model.transpose_weights(self.params) if mesh is None and jax.default_backend() == "cpu"
+                           else self.params)
     self.tokenizer = tokenizer
     self.max_batch = max_batch
     self.chunk_steps = chunk_steps
@@ -370,11 +410,14 @@ class Generator:
       lengths[i] = len(prompt)
     stop_array = np.full((_power_of_two(max(len(stops), 8)),), -1, np.int32)
     stop_array[:len(stops)] = stops
-    static = dict(config=self.config, sampling=sampling)
+    layout = None if self.mesh is None else sharding.DecodeLayout.for_batch(self.mesh, batch)
+    if layout is not None:
+      tokens, lengths = layout.put(tokens, "act_batch", "act_length"), layout.put(lengths, "act_batch")
+    static = dict(config=self.config, sampling=sampling, layout=layout)
 
     state = _prefill(self.params, tokens, lengths, stop_array, jax.random.key(seed), cache_len=cache_len, **static)
-    decode = functools.partial(_decode, self.params, stop_ids=stop_array, max_steps=np.int32(max_new_tokens),
-                               chunk_steps=self.chunk_steps, **static)
+    decode = functools.partial(_decode, self._batch1_params if batch == 1 else self.params, stop_ids=stop_array,
+                               max_steps=np.int32(max_new_tokens), chunk_steps=self.chunk_steps, **static)
     first = np.asarray(state.tokens)  # Waits for the prefill only; read before `state` is donated.
     first_at = last_at = time.perf_counter()
     pending = decode(state) if max_new_tokens > 1 else None
@@ -423,7 +466,7 @@ class Generator:
       if steady_from is None:
         steady_from = (last_at, sum(len(row) for row in ids))
 
-    stats.prompt_tokens += int(lengths.sum())
+    stats.prompt_tokens += sum(len(p) for p in prompts)
     stats.generated_tokens += sum(len(row) for row in ids)
     stats.decode_tokens += sum(max(len(row) - 1, 0) for row in ids)
     stats.decode_s += last_at - first_at

@@ -18,11 +18,14 @@ does not grow with depth):
   decoder/mlp/{gate_proj, up_proj, down_proj}             (L, D, F), (L, D, F), (L, F, D)
   norm/scale                                              (D,)
   lm_head/w                                               (D, V), absent with tied embeddings
+`transpose_weights` gives each matrix weight as a flat (out, in) matrix (a layout for batch-1 decoding on CPU).
 
 Numerics: parameters are stored in `param_dtype` and cast to `compute_dtype` where used; RMSNorm statistics,
 attention logits and softmax, and the output logits are float32 whatever the compute dtype.
 """
 
+import contextvars
+import math
 from typing import NamedTuple
 
 import haiku as hk
@@ -100,6 +103,59 @@ def _param(name, shape, config: LlamaConfig, init=None):
   return hk.get_parameter(name, shape, config.param_dtype, init=init).astype(config.compute_dtype)
 
 
+# Matrix weights by (module, name): how many leading axes a matmul contracts.
+_MATMUL_WEIGHTS = {("decoder/attention", "q_proj"): 1, ("decoder/attention", "k_proj"): 1,
+                   ("decoder/attention", "v_proj"): 1, ("decoder/attention", "out_proj"): 2,
+                   ("decoder/mlp", "gate_proj"): 1, ("decoder/mlp", "up_proj"): 1, ("decoder/mlp", "down_proj"): 1,
+                   ("lm_head", "w"): 1}
+_TRANSPOSED = "_transposed"  # The name suffix of a weight stored by `transpose_weights`.
+_weights_transposed = contextvars.ContextVar("weights_transposed", default=False)
+
+
+def transpose_weights(params) -> dict:
+  """The parameters with each matrix weight stored as one (out, in) matrix, its contracted axes flattened last
+  (a (L, out, in) stack in the decoder), renamed `{name}_transposed`; `make_forward`'s `apply` takes either form
+  and computes the same function.
+
+  For batch-1 decoding on XLA:CPU. There a matrix-vector product whose weight is contracted over its minor axes
+  compiles to a loop that streams the weight straight out of the stacked (L, ...) array, the layer scan's slice
+  fused in. In the stored layout it is a matrix-library call, which needs the slice copied out of the stack
+  first: every weight is read, written and read again per token. (Flat matrices: a contracted axis split in two
+  would cost that loop an integer division per element.) Matrix-matrix products (prefills, batches) are faster
+  in the stored layout.
+  """
+  out = {}
+  for module, leaves in params.items():
+    out[module] = {}
+    for name, value in leaves.items():
+      contracted = _MATMUL_WEIGHTS.get((module, name))
+      if contracted is None:
+        out[module][name] = value
+        continue
+      stacked = 1 if module.startswith("decoder/") else 0  # The layer axis stays first.
+      n_in = math.prod(value.shape[stacked:stacked + contracted])
+      matrix = value.reshape(*value.shape[:stacked], n_in, -1)  # ([L,] in, out)
+      out[module][name + _TRANSPOSED] = jnp.swapaxes(matrix, -1, -2)  # ([L,] out, in)
+  return out
+
+
+def _dense(x, name, in_shape, out_shape, config: LlamaConfig, **einsum_kwargs):
+  """x (..., *in_shape) times the weight `name` (*in_shape, *out_shape): (..., *out_shape).
+
+  One matrix product over the flattened axes: contracting several axes, XLA may match the activations' layout by
+  transposing the weight (a copy of it per call). From `transpose_weights`' parameters the weight is stored as
+  an (out, in) matrix, and the transpose here only tells XLA its layout.
+  """
+  n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+  if _weights_transposed.get():
+    w = _param(name + _TRANSPOSED, [n_out, n_in], config).T  # (in, out)
+  else:
+    w = _param(name, [*in_shape, *out_shape], config).reshape(n_in, n_out)  # (in, out)
+  lead = x.shape[:x.ndim - len(in_shape)]
+  y = jnp.einsum("...I,IO->...O", x.reshape(*lead, n_in), w, **einsum_kwargs)  # (..., out)
+  return y.reshape(*lead, *out_shape)
+
+
 class RMSNorm(hk.Module):
   """x / rms(x) * scale, the statistics in float32."""
 
@@ -140,9 +196,9 @@ class Attention(hk.Module):
     """x (B, T, D); mask (B, T, S); cache_kv: (k (L, B, G, S, K), v (L, B, G, S, K), this layer's index) or None."""
     c = self.config
     d, n, g, k = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
-    q = jnp.einsum("BTD,DNK->BTNK", x, _param("q_proj", [d, n, k], c))  # (B, T, N, K)
-    key = jnp.einsum("BTD,DGK->BTGK", x, _param("k_proj", [d, g, k], c))  # (B, T, G, K)
-    value = jnp.einsum("BTD,DGK->BTGK", x, _param("v_proj", [d, g, k], c))  # (B, T, G, K)
+    q = _dense(x, "q_proj", [d], [n, k], c)  # (B, T, N, K)
+    key = _dense(x, "k_proj", [d], [g, k], c)  # (B, T, G, K)
+    value = _dense(x, "v_proj", [d], [g, k], c)  # (B, T, G, K)
     inv_freq = rope_frequencies(c)
     q = apply_rope(q, positions, inv_freq)  # (B, T, N, K)
     key = apply_rope(key, positions, inv_freq)  # (B, T, G, K)
@@ -162,8 +218,13 @@ class Attention(hk.Module):
     logits = logits * (k ** -0.5)
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)  # (B, G, H, T, S)
     probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)  # (B, G, H, T, S)
-    out = jnp.einsum(f"BGHTS,{kv_layout}->BTGHK", probs, value).reshape(b, t, n, k)  # (B, T, N, K)
-    out = jnp.einsum("BTNK,NKD->BTD", out, _param("out_proj", [n, k, d], c))  # (B, T, D)
+    # probs first: the product comes out (B, G, H, T, K), which in a decode step (T = 1) is (B, T, N, K) already.
+    # (jnp.einsum puts `value` first, which transposes the cached values each layer, and then the out-projection
+    # reads its input permuted.)
+    s_axis, g_axis = (1, 2) if kv_layout == "BSGK" else (2, 1)
+    out = jax.lax.dot_general(probs, value, (((4,), (s_axis,)), ((0, 1), (0, g_axis))))  # (B, G, H, T, K)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, k)  # (B, T, N, K)
+    out = _dense(out, "out_proj", [n, k], [d], c)  # (B, T, D)
     return out, cache_kv
 
 
@@ -176,10 +237,10 @@ class MLP(hk.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
-    gate = jnp.einsum("BTD,DF->BTF", x, _param("gate_proj", [c.d_model, c.d_ff], c))  # (B, T, F)
-    up = jnp.einsum("BTD,DF->BTF", x, _param("up_proj", [c.d_model, c.d_ff], c))  # (B, T, F)
+    gate = _dense(x, "gate_proj", [c.d_model], [c.d_ff], c)  # (B, T, F)
+    up = _dense(x, "up_proj", [c.d_model], [c.d_ff], c)  # (B, T, F)
     hidden = sharding.constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))  # (B, T, F)
-    return jnp.einsum("BTF,FD->BTD", hidden, _param("down_proj", [c.d_ff, c.d_model], c))  # (B, T, D)
+    return _dense(hidden, "down_proj", [c.d_ff], [c.d_model], c)  # (B, T, D)
 
 
 class DecoderBlock(hk.Module):
@@ -199,8 +260,21 @@ class DecoderBlock(hk.Module):
 
 
 def make_forward(config: LlamaConfig) -> hk.Transformed:
-  """The transformed model: `init(rng, tokens)`, `apply(params, tokens, positions, segment_ids, cache)`."""
-  return hk.without_apply_rng(hk.transform(lambda *args, **kwargs: Llama(config)(*args, **kwargs)))
+  """The transformed model: `init(rng, tokens)`, `apply(params, tokens, positions, segment_ids, cache)`.
+
+  `apply` also takes the parameters of `transpose_weights` (any `*_transposed` name selects that form).
+  """
+  transformed = hk.without_apply_rng(hk.transform(lambda *args, **kwargs: Llama(config)(*args, **kwargs)))
+
+  def apply(params, *args, **kwargs):
+    transposed = any(name.endswith(_TRANSPOSED) for leaves in params.values() for name in leaves)
+    token = _weights_transposed.set(transposed)
+    try:
+      return transformed.apply(params, *args, **kwargs)
+    finally:
+      _weights_transposed.reset(token)
+
+  return hk.Transformed(transformed.init, apply)
 
 
 class Llama(hk.Module):
@@ -257,9 +331,10 @@ class Llama(hk.Module):
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # (B, 1, D)
     x = RMSNorm(c, name="norm")(x)  # (B, T, D)
     if c.tie_embeddings:
-      head = embeddings.astype(c.compute_dtype).T  # (D, V)
+      # As the transpose of (V, D), which XLA:CPU streams in a batch-1 decode (see `transpose_weights`).
+      logits = jnp.einsum("BTD,DV->BTV", x, embeddings.astype(c.compute_dtype).T,
+                          preferred_element_type=jnp.float32)  # (B, T, V)
     else:
       with hk.name_scope("lm_head"):
-        head = _param("w", [c.d_model, c.vocab_size], c)  # (D, V)
-    logits = jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)  # (B, T, V)
+        logits = _dense(x, "w", [c.d_model], [c.vocab_size], c, preferred_element_type=jnp.float32)  # (B, T, V)
     return logits, new_cache

@@ -9,6 +9,7 @@ outside an `axis_rules` context, so single-device code pays nothing.
 """
 
 import contextlib
+import dataclasses
 import math
 import threading
 
@@ -119,6 +120,42 @@ def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
   """(B, T) inputs: the batch split over the data-parallel axes."""
   rules = DEFAULT_RULES if rules is None else rules
   return NamedSharding(mesh, logical_to_spec(("act_batch", "act_length"), rules))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLayout:
+  """Where a batched decode keeps its arrays: rows split over `batch_axes`, the KV cache's heads over tensor, and
+  the rest (sampled tokens, flags, keys) replicated so that every process can read them. Hashable: a static jit
+  argument."""
+  mesh: Mesh
+  batch_axes: tuple[str, ...] = ()
+
+  @classmethod
+  def for_batch(cls, mesh: Mesh, batch: int) -> "DecodeLayout":
+    """Rows split over data x fsdp, else over whichever of the two divides `batch`, else replicated."""
+    for axes in (("data", "fsdp"), ("data",), ("fsdp",)):
+      if batch % _axis_size(mesh, axes) == 0:
+        return cls(mesh, tuple(a for a in axes if mesh.shape[a] > 1))
+    return cls(mesh)
+
+  def rules(self) -> dict:
+    return dict(DEFAULT_RULES, act_batch=self.batch_axes or None)
+
+  def sharding(self, *logical_axes: str) -> NamedSharding:
+    return NamedSharding(self.mesh, logical_to_spec(logical_axes, self.rules()))
+
+  def cache_sharding(self) -> NamedSharding:
+    """The KV cache (L, B, G, S, K); param_specs has checked that tensor divides G."""
+    return self.sharding("layers", "act_batch", "kv_heads", "act_length", "head_dim")
+
+  def cache_bytes_per_device(self, config: LlamaConfig, batch: int, length: int) -> int:
+    """Bytes of keys and values on each device for a cache of `batch` rows and `length` slots."""
+    shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)  # (L, B, G, S, K)
+    return 2 * math.prod(self.cache_sharding().shard_shape(shape)) * np.dtype(config.compute_dtype).itemsize
+
+  def put(self, array: np.ndarray, *logical_axes: str) -> jax.Array:
+    """A host array, the same in every process, as a global array laid out by `logical_axes`."""
+    return jax.make_array_from_callback(array.shape, self.sharding(*logical_axes), lambda index: array[index])
 
 
 @contextlib.contextmanager

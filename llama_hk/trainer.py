@@ -6,7 +6,9 @@ A `model_dir` holds
   checkpoints/<step>/   Orbax items `params`, `opt_state`, `train` (step, rng) and `data` (each process's
                         pipeline state); written asynchronously and atomically, the last K kept
   metrics.jsonl         {"step","loss","learning_rate","grad_norm","tokens_per_s","mfu"} and
-                        {"step","eval_loss","eval_bits_per_byte"}, one object a line (process 0)
+                        {"step","eval_loss","eval_bits_per_byte","eval_perplexity"}, one object a line (process 0);
+                        a run from step 0 evaluates before its first step too, so the first and last evaluations
+                        show what training changed
   events.*              the same scalars for TensorBoard
 A run restores the latest checkpoint in its model_dir, so rerunning a killed command continues it, with the
 same losses as if it had never stopped.
@@ -262,14 +264,15 @@ def _global_batch(batch: dict, mesh: Mesh) -> dict:
 class _MetricsWriter:
   """metrics.jsonl and TensorBoard events, on process 0 only."""
 
-  def __init__(self, model_dir: pathlib.Path, resume_step: int):
+  def __init__(self, model_dir: pathlib.Path, keep_through: int):
+    """Records of steps up to `keep_through` (the restored checkpoint's) are kept; later ones are redone."""
     self.active = jax.process_index() == 0
     if not self.active:
       return
     self.path = model_dir / METRICS_FILE
-    self._truncate_after(resume_step)
+    self._truncate_after(keep_through)
     self.file = open(self.path, "a")
-    self.tensorboard = tensorboardX.SummaryWriter(str(model_dir), purge_step=resume_step + 1)
+    self.tensorboard = tensorboardX.SummaryWriter(str(model_dir), purge_step=keep_through + 1)
 
   def _truncate_after(self, step: int) -> None:
     """Drops lines of steps after the restored checkpoint (a killed run logged them; they are redone)."""
@@ -370,13 +373,30 @@ def _loop(model_dir, manager, config, mesh, state, start, step_fn, data, tokeniz
     if is_main:
       print(f"{model_dir}: already trained to step {start} (TRAIN_STEPS={train_steps})", flush=True)
     return {"step": start}
-  writer = _MetricsWriter(model_dir, start)
+  writer = _MetricsWriter(model_dir, start if start else -1)  # A run from scratch redoes its step-0 evaluation.
   eval_fn = jax.jit(training.make_eval_step(config))
   eval_set = None
+  evaluations = []
+
+  def evaluate(step, params):
+    nonlocal eval_set
+    if eval_set is None:
+      eval_set = _eval_set(eval_data, tokenizer, seq_len, batch_size, eval_max_batches, mesh)
+    eval_loss, eval_bpb = _evaluate(eval_fn, params, eval_set)
+    record = {"step": step, "eval_loss": eval_loss, "eval_bits_per_byte": eval_bpb,
+              "eval_perplexity": float(np.exp(eval_loss))}
+    writer.write(record)
+    evaluations.append(record)
+    if is_main:
+      print(f"step {step}  eval_loss {eval_loss:.4f}  eval_bits_per_byte {eval_bpb:.4f}  "
+            f"eval_perplexity {record['eval_perplexity']:.3f}", flush=True)
+
   peak = (peak_flops or training.device_peak_flops()) * jax.device_count()
   flops_per_step = training.flops_per_token(config, seq_len) * batch_size * seq_len
   summary = {}
   try:
+    if eval_data is not None and start == 0:
+      evaluate(0, state.params)  # The starting point: the before of a before-and-after.
     step, interval_start, interval_steps, run_start = start, time.perf_counter(), 0, time.perf_counter()
     while step < train_steps:
       state, metrics = step_fn(state, _global_batch(next(data), mesh))
@@ -410,17 +430,18 @@ def _loop(model_dir, manager, config, mesh, state, start, step_fn, data, tokeniz
       if step == start + 1:  # Compiled now: later throughput and the time left exclude compilation.
         interval_start, interval_steps, run_start = time.perf_counter(), 0, time.perf_counter()
       if eval_data is not None and (step % eval_every == 0 or step == train_steps):
-        if eval_set is None:
-          eval_set = _eval_set(eval_data, tokenizer, seq_len, batch_size, eval_max_batches, mesh)
-        eval_loss, eval_bpb = _evaluate(eval_fn, state.params, eval_set)
-        writer.write({"step": step, "eval_loss": eval_loss, "eval_bits_per_byte": eval_bpb})
-        summary.update(eval_loss=eval_loss, eval_bits_per_byte=eval_bpb)
-        if is_main:
-          print(f"step {step}  eval_loss {eval_loss:.4f}  eval_bits_per_byte {eval_bpb:.4f}", flush=True)
+        evaluate(step, state.params)
         interval_start = time.perf_counter()  # Evaluation time is not training throughput.
       if step % checkpoint_every == 0 or step == train_steps:
         _save(manager, state, data, step)
     _wait_for_checkpoints(manager, step)
+    if evaluations:
+      summary.update({k: v for k, v in evaluations[-1].items() if k != "step"})
+    if is_main and len(evaluations) > 1:
+      first, last = evaluations[0], evaluations[-1]
+      print(f"validation perplexity {first['eval_perplexity']:.3f} at step {first['step']} -> "
+            f"{last['eval_perplexity']:.3f} at step {last['step']} (bits per byte {first['eval_bits_per_byte']:.4f} "
+            f"-> {last['eval_bits_per_byte']:.4f})", flush=True)
     return summary
   finally:
     writer.close()

@@ -1,6 +1,8 @@
 """The grain pipeline: determinism, checkpoint restore, sharding, packing, evaluation batches, gin wiring."""
 
 import collections
+import functools
+import itertools
 import json
 import pathlib
 
@@ -165,6 +167,27 @@ def test_shards_are_disjoint_and_cover_every_chunk_once(corpus, tokenizer, proce
 def test_batch_size_is_global(corpus, tokenizer):
   batch = next(pipeline.make_pipeline(corpus, tokenizer, SEQ_LEN, batch_size=6, process_index=2, process_count=3))
   assert batch["tokens"].shape == (2, SEQ_LEN)
+
+
+def test_fixed_num_shards_gives_the_same_global_batches_on_any_process_count(corpus, tokenizer):
+  def global_batches(make, process_count, count):
+    """The first `count` global batches; a process that has run out gives empty rows, as the trainer pads."""
+    per_process = [list(itertools.islice(make(process_index=i, process_count=process_count), count))
+                   for i in range(process_count)]
+    empty = {key: np.zeros_like(value) for key, value in per_process[0][0].items()}
+    return [{key: np.concatenate([batches[n][key] if n < len(batches) else empty[key] for batches in per_process])
+             for key in pipeline.BATCH_KEYS} for n in range(count)]
+
+  train = lambda **kwargs: pipeline.make_pipeline(corpus, tokenizer, SEQ_LEN, batch_size=8, seed=2, **kwargs)
+  one = global_batches(functools.partial(train, num_shards=4), 1, 6)
+  _assert_equal_batches(global_batches(functools.partial(train, num_shards=4), 2, 6), one)
+  _assert_equal_batches(global_batches(functools.partial(train, num_shards=4), 4, 6), one)
+  assert not np.array_equal(global_batches(train, 1, 1)[0]["tokens"], one[0]["tokens"])  # Shards choose the rows.
+  evaluation = lambda **kwargs: pipeline.eval_batches(corpus, tokenizer, SEQ_LEN, batch_size=8, num_shards=4, **kwargs)
+  count = len(list(evaluation(process_index=0, process_count=1)))
+  _assert_equal_batches(global_batches(evaluation, 2, count), global_batches(evaluation, 1, count))
+  with pytest.raises(UserError, match="num_shards=3 must be a positive multiple of process_count=2 that divides"):
+    pipeline.make_pipeline(corpus, tokenizer, SEQ_LEN, batch_size=6, num_shards=3, process_index=0, process_count=2)
 
 
 def test_bad_arguments_are_user_errors(corpus, tokenizer):

@@ -88,11 +88,14 @@ def test_random_models_greedy_match_transformers(tiny_hf_model, fields):
     assert completion.ids == _hf_greedy(hf, prompt, 40, eos=None)
 
 
-def test_cached_decode_logits_equal_full_forward(tiny_hf_model):
+@pytest.mark.parametrize("tied", [False, True], ids=["lm_head", "tied"])
+def test_cached_decode_logits_equal_full_forward(tiny_hf_model, tied):
   """Through generation's prefill (right-padded rows) and decode steps, every step's logits equal the full
-  forward pass at that position."""
-  hf = tiny_hf_model(seed=21, num_attention_heads=4, num_key_value_heads=2)
+  forward pass at that position; the decode steps run on `transpose_weights`' layout, as a batch of one does."""
+  hf = tiny_hf_model(seed=21, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
   config, params = _ours(hf)
+  decode_params = model_lib.transpose_weights(params)
+  assert any(name.endswith("_transposed") for leaves in decode_params.values() for name in leaves)
   rng = np.random.default_rng(21)
   lengths = np.array([3, 9, 6], np.int32)
   steps = 12
@@ -107,7 +110,7 @@ def test_cached_decode_logits_equal_full_forward(tiny_hf_model):
     at = lengths + k - 1  # The position whose logits these are.
     expected = np.asarray(full)[np.arange(3), at]
     worst = max(worst, float(np.abs(np.asarray(logits) - expected).max()))
-    logits, cache = step(params, jnp.asarray(sequences[np.arange(3), lengths + k]), cache, config)
+    logits, cache = step(decode_params, jnp.asarray(sequences[np.arange(3), lengths + k]), cache, config)
   print(f"cached vs full forward: max abs logits diff {worst:.2e}")
   assert worst <= 1e-4
   np.testing.assert_array_equal(np.asarray(cache.end_index), lengths + steps)

@@ -1,4 +1,5 @@
-"""Sharded inference equals one device; meshes that do not fit fail with one line; multi-host runs agree.
+"""Sharded inference and generation equal one device; meshes that do not fit fail with one line; multi-host runs
+agree and print once.
 
 Runs in subprocesses with simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N), since the
 device count is fixed once JAX starts.
@@ -60,9 +61,47 @@ def test_random_gqa_model_sharded_logits_equal_one_device(tiny_hf_model, tmp_pat
     assert diff["max_abs"] <= 1e-5 * max(1.0, diff["max_logit"]), (name, diffs)
 
 
-def test_head_count_the_tensor_axis_does_not_divide_is_one_line(smollm2_llama_hk, tmp_path):
-  result = run([REPO / "bin" / "eval", f"--checkpoint={smollm2_llama_hk}", f"--text_file={REPO / 'README.md'}",
-                "--gin_file=gin/sharding/tensor.gin", "--batch_size=8"])
+def sharded_generations(checkpoint, meshes, max_new_tokens=16):
+  result = run([SCRIPTS / "sharded_generate.py", checkpoint, max_new_tokens, json.dumps(meshes)])
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_real_model_sharded_generate_equals_one_device(smollm2_llama_hk):
+  # Three prompts of 5, 14 and 5 tokens in a batch of 4 rows; 16 greedy tokens each.
+  runs = sharded_generations(smollm2_llama_hk, {"fsdp": [1, 8, 1], "tensor": [1, 1, 3], "data_fsdp": [2, 4, 1]})
+  one = runs.pop("one")
+  assert len(set(one["prompt_lengths"])) > 1 and [len(ids) for ids in one["ids"]] == [16] * 3, one
+  assert one["cache_shape"] == [30, 4, 3, 32, 64] and one["decode_calls"] == 15, one
+  for name, r in runs.items():
+    assert r["ids"] == one["ids"], (name, r["ids"], one["ids"])
+  # The KV cache (L, B, G, S, K): rows replicated where data x fsdp does not divide 4 rows, else split over data;
+  # heads split over tensor.
+  assert runs["fsdp"]["cache_shard_shapes"] == [[30, 4, 3, 32, 64]] and runs["fsdp"]["param_shards"] == 8
+  assert runs["tensor"]["cache_shard_shapes"] == [[30, 4, 1, 32, 64]] and runs["tensor"]["param_shards"] == 3
+  assert runs["data_fsdp"]["cache_shard_shapes"] == [[30, 2, 3, 32, 64]] and runs["data_fsdp"]["param_shards"] == 4
+
+
+def test_random_gqa_model_sharded_generate_equals_one_device(tiny_hf_model, tmp_path):
+  model = tiny_hf_model(seed=5, num_attention_heads=8, num_key_value_heads=4, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=3)
+  model.save_pretrained(tmp_path / "hf")
+  runs = sharded_generations(tmp_path / "hf", {"single": [1, 1, 1], "fsdp": [1, 8, 1], "tensor": [1, 1, 4],
+                                               "data_fsdp_tensor": [2, 2, 2]}, max_new_tokens=20)
+  one = runs.pop("one")
+  assert [len(ids) for ids in one["ids"]] == [20] * 3 and len(set(one["ids"][0])) > 1, one
+  for name, r in runs.items():
+    assert r["ids"] == one["ids"], (name, r["ids"], one["ids"])
+  shard = {name: r["cache_shard_shapes"] for name, r in runs.items()}
+  assert shard == {"single": [[3, 4, 4, 64, 8]], "fsdp": [[3, 4, 4, 64, 8]], "tensor": [[3, 4, 1, 64, 8]],
+                   "data_fsdp_tensor": [[3, 1, 2, 64, 8]]}, shard
+
+
+@pytest.mark.parametrize("binary", ["eval", "generate"])
+def test_head_count_the_tensor_axis_does_not_divide_is_one_line(smollm2_llama_hk, binary):
+  args = ([f"--text_file={REPO / 'README.md'}", "--batch_size=8"] if binary == "eval" else ["--prompt=Hello"])
+  result = run([REPO / "bin" / binary, f"--checkpoint={smollm2_llama_hk}", "--gin_file=gin/sharding/tensor.gin",
+                *args])
   assert result.returncode == 1
   lines = result.stderr.strip().splitlines()
   assert lines[-1].startswith("error: mesh axis 'tensor' has 8 devices, which does not divide heads=9"), lines[-1]
@@ -77,6 +116,23 @@ def test_dry_run_7b_reports_per_device_parameters(sharding_gin):
   expected = 6_738_415_616 * 4 / 8
   assert report["devices"] == 8
   assert abs(report["param_bytes_per_device"] - expected) <= 0.01 * expected, report
+
+
+@pytest.mark.parametrize("sharding_gin", ["fsdp", "tensor"])
+def test_generate_dry_run_7b_reports_parameters_and_kv_cache_per_device(sharding_gin):
+  result = run([REPO / "bin" / "generate", "--dry_run", "--gin_file=gin/models/7b.gin",
+                f"--gin_file=gin/sharding/{sharding_gin}.gin"])
+  assert result.returncode == 0, result.stderr[-2000:]
+  [line] = result.stdout.strip().splitlines()
+  report = json.loads(line)
+  expected = 6_738_415_616 * 4 / 8
+  assert report["devices"] == 8
+  assert abs(report["param_bytes_per_device"] - expected) <= 0.01 * expected, report
+  # 8 rows x 2048 slots x 32 layers x 32 kv heads x 128 x (keys, values) x float32, over 8 devices: the rows
+  # split over fsdp, or the heads over tensor.
+  assert report["kv_cache_rows"] == 8 and report["kv_cache_slots"] == 2048, report
+  assert report["kv_cache_bytes_per_device"] == 8 * 2048 * 32 * 32 * 128 * 2 * 4 // 8, report
+  assert report["kv_cache_batch_axes"] == (["fsdp"] if sharding_gin == "fsdp" else []), report
 
 
 def _free_port() -> int:
@@ -106,3 +162,37 @@ def test_two_processes_eval_like_one(smollm2_llama_hk, shakespeare_dir, tmp_path
   multi, one = json.loads(printed[0]), json.loads(single.stdout.strip().splitlines()[-1])
   assert multi["tokens"] == one["tokens"]
   assert abs(multi["nll"] - one["nll"]) <= 1e-6 * one["nll"]
+
+
+def _without_gloo(stdout: str) -> str:
+  """Gloo's C++ runtime logs its connections on stdout."""
+  return "".join(line for line in stdout.splitlines(keepends=True) if not line.startswith("[Gloo]"))
+
+
+def test_two_processes_generate_like_one_and_print_once(tiny_hf_model, write_tiny_gguf, tmp_path):
+  checkpoint = tmp_path / "tiny.gguf"
+  write_tiny_gguf(checkpoint, tiny_hf_model(seed=7, vocab_size=288, num_attention_heads=8, num_key_value_heads=4,
+                                            max_position_embeddings=64))
+  # data 2 x fsdp 2 x tensor 2 over both processes' devices; the 2 rows split over data.
+  args = [REPO / "bin" / "generate", f"--checkpoint={checkpoint}", "--prompt=the hen", "--prompt=a", "--seed=3",
+          "--max_new_tokens=16", "--gin_file=gin/sharding/data_fsdp_tensor.gin"]
+  single = run([*args, f"--output_json={tmp_path / 'one.json'}"])
+  assert single.returncode == 0, single.stderr[-2000:]
+  expected = _without_gloo(single.stdout)
+  assert len(expected) > 20 and expected.count("\n\n") >= 2, expected  # Two completions, each with a blank line.
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_DEFAULT_MATMUL_PRECISION="highest")
+  procs = [subprocess.Popen([sys.executable, *map(str, args), f"--output_json={tmp_path / f'multi{i}.json'}",
+                             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  printed = [_without_gloo(out) for out, _ in outputs]
+  assert "".join(printed).count(expected) == 1, printed
+  assert printed == [expected, ""], printed  # Process 0 prints the completions, process 1 nothing.
+  assert sum("decode:" in err for _, err in outputs) == 1  # The statistics line, once.
+  assert json.loads((tmp_path / "multi0.json").read_text())["results"] == json.loads(
+      (tmp_path / "one.json").read_text())["results"]
+  assert not (tmp_path / "multi1.json").exists()

@@ -1,11 +1,13 @@
 """bin/train end to end on a very small model: checkpoints and exact resume after SIGKILL, sharded equals one
-device, --dry_run of the 7B run on 8 simulated devices, and bad input answered with one `error:` line."""
+device, two processes equal one, --dry_run of the 7B run on 8 simulated devices without data, and bad input answered
+with one `error:` line. And the real SmolLM2 fine-tuned for a few steps: validation loss before and after."""
 
 import contextlib
 import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -62,9 +64,15 @@ def test_run_writes_model_dir_and_evaluates(tmp_path, data_args):
   assert "steps/s" in result.stdout and "time left" in result.stdout
   records = metrics(tmp_path)
   assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
-  assert set(records[0]) == {"step", "loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu"}
-  (evaluation,) = [r for r in records if "eval_loss" in r]
-  assert evaluation["step"] == 4 and 0 < evaluation["eval_bits_per_byte"] < 20
+  assert set(records[1]) == {"step", "loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu"}
+  before, after = [r for r in records if "eval_loss" in r]  # Before the first step and after the last.
+  assert records[0] == before and before["step"] == 0 and after["step"] == 4
+  for evaluation in (before, after):
+    assert 0 < evaluation["eval_bits_per_byte"] < 20
+    assert evaluation["eval_perplexity"] == pytest.approx(np.exp(evaluation["eval_loss"]), rel=1e-9)
+  assert after["eval_loss"] < before["eval_loss"]
+  assert (f"validation perplexity {before['eval_perplexity']:.3f} at step 0 -> {after['eval_perplexity']:.3f} at "
+          "step 4") in result.stdout
   assert "trainer.train.train_steps = %TRAIN_STEPS" in (tmp_path / "config.gin").read_text()
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]
   loaded = checkpoints.load(tmp_path)
@@ -104,9 +112,53 @@ def test_sharded_equals_one_device(tmp_path, data_args):
   np.testing.assert_allclose(eight[:, 1:3], one[:, 1:3], rtol=1e-5)
 
 
+def test_fine_tuning_smollm2_lowers_validation_loss(tmp_path, smollm2_gguf, shakespeare_data_dir, shakespeare_dir):
+  """The real model from its GGUF through gin/smollm2_135m_shakespeare.gin, cut to a few short steps."""
+  result = run_train(tmp_path, ["--gin_file=gin/smollm2_135m_shakespeare.gin"],
+                     INIT_CHECKPOINT=repr(str(smollm2_gguf)), DATA_DIR=repr(str(shakespeare_data_dir)),
+                     SHAKESPEARE_SOURCE_DIR=repr(str(shakespeare_dir)), SEQ_LEN=64, BATCH_SIZE=2, TRAIN_STEPS=4,
+                     WARMUP_STEPS=0, LEARNING_RATE=1e-4, LOG_EVERY=1, EVAL_MAX_BATCHES=2)
+  assert result.returncode == 0, result.stderr[-3000:]
+  before, after = [r for r in metrics(tmp_path) if "eval_loss" in r]
+  assert (before["step"], after["step"]) == (0, 4)
+  assert after["eval_loss"] < before["eval_loss"] and after["eval_perplexity"] < before["eval_perplexity"]
+  assert before["eval_perplexity"] < 100  # The pretrained model already knows English: not a random start.
+  assert "validation perplexity" in result.stdout
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tmp_path, data_args):
+  # Two document shards fix the batches (and the capped eval's) whichever process reads them; FSDP splits every
+  # parameter across the processes.
+  args = data_args + ["--gin_file=gin/sharding/fsdp.gin", "--gin.NUM_SHARDS=2"]
+  steps = dict(TRAIN_STEPS=4, CHECKPOINT_EVERY=4, EVAL_EVERY=4)
+  coordinator = [f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2"]
+  commands = [(_command(tmp_path / "one", args, **steps), 4)] + [
+      (_command(tmp_path / "two", args + coordinator + [f"--process_id={i}"], **steps), 2) for i in range(2)]
+  processes = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+               for command, devices in commands]  # All at once: each spends most of its time compiling alone.
+  outputs = [p.communicate(timeout=300) for p in processes]
+  for process, (_, err) in zip(processes, outputs):
+    assert process.returncode == 0, err[-3000:]
+  assert "steps/s" in outputs[1][0] and "step" not in outputs[2][0]  # Only process 0 reports.
+  single, multi = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+  assert [sorted(r) for r in multi] == [sorted(r) for r in single]  # One line each: process 1 writes none.
+  for a, b in zip(multi, single):
+    for key in ("loss", "grad_norm", "eval_loss", "eval_bits_per_byte"):
+      if key in b:
+        assert a[key] == pytest.approx(b[key], rel=1e-5), (key, multi, single)
+  assert checkpoints.latest_step(tmp_path / "two") == 4
+
+
 def test_dry_run_7b_on_eight_devices_reports_memory(tmp_path):
-  result = run_train(tmp_path / "unused", ["--gin_file=gin/7b.gin", "--dry_run"], env=EIGHT_DEVICES,
-                     DATA_DIR="'/nonexistent'", TOKENIZER_DIR="'/nonexistent'", BATCH_SIZE=8)
+  # DATA_DIR and TOKENIZER_DIR, required to train, are left unset: a dry run reads neither.
+  result = run_train(tmp_path / "unused", ["--gin_file=gin/7b.gin", "--dry_run"], env=EIGHT_DEVICES, BATCH_SIZE=8)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "per-device memory" in result.stdout
   report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -114,6 +166,15 @@ def test_dry_run_7b_on_eight_devices_reports_memory(tmp_path):
   assert report["params_bytes"] == pytest.approx(6_738_415_616 * 4 / 8, rel=1e-3)  # float32, sharded 8 ways.
   assert report["opt_state_bytes"] == pytest.approx(2 * report["params_bytes"], rel=1e-3)
   assert not (tmp_path / "unused").exists()
+
+
+def test_dry_run_prepares_no_data_and_trains_no_tokenizer(tmp_path):
+  # tiny.gin trains its tokenizer on the training split, and the split is prepared (or fetched) on first use.
+  result = run_train(tmp_path / "unused", ["--gin_file=gin/tiny.gin", "--dry_run"],
+                     DATA_DIR=repr(str(tmp_path / "data")), TOKENIZER_DIR=repr(str(tmp_path / "tokenizer")))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads(result.stdout.strip().splitlines()[-1])["params_bytes"] > 0
+  assert not list(tmp_path.iterdir())
 
 
 def test_bad_gin_input(tmp_path, data_args):

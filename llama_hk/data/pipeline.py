@@ -5,9 +5,9 @@ a permutation of indices (no shuffle buffer), and every stage here (shuffle, map
 prefetch) has a small explicit iterator state: `get_state()` after k batches and `set_state()` on a fresh iterator
 continues with bit-identical batches, across epoch boundaries too.
 
-Stages, per process:
-  1. Shard: documents `process_index::process_count` of the split; shards are disjoint and cover the split (their
-     sizes differ by at most one document, so processes reach epoch ends at slightly different steps).
+Stages, per shard (a process reads its own shards only: one, unless `num_shards` says more):
+  1. Shard: documents `shard::num_shards` of the split; shards are disjoint and cover the split (their sizes differ
+     by at most one document, so shards reach epoch ends at slightly different steps).
   2. Shuffle the shard's documents with `seed`, anew each epoch (grain reseeds per epoch), repeat `num_epochs`.
   3. Tokenize: `tokenizer.encode(text, add_eos=True)`, so BOS is there when the tokenizer adds it by default and EOS
      ends every document.
@@ -17,7 +17,11 @@ Stages, per process:
   5. Pack chunks first-fit into rows of `seq_len` (`num_packing_bins` rows at a time, emitted in seeded random order).
   6. Targets: `targets[t] = tokens[t + 1]` where t + 1 is in the same segment, else 0; `loss_mask` is 1.0 exactly
      there. The model must mask attention by `segment_ids` so no document sees another.
-  7. Batch `batch_size // process_count` rows; prefetch batches in a background thread.
+  7. Batch `batch_size // num_shards` rows; a process's batch is its shards' batches side by side, in shard order;
+     prefetch batches in a background thread.
+
+The global batch is thus shards 0, 1, ... side by side whichever process reads each: with `num_shards` fixed
+(it defaults to the process count), one process and several give the same batches and so the same losses.
 
 Batches are dicts of NumPy arrays of shape (B, T): `tokens`, `positions`, `segment_ids` (1, 2, ... per segment in
 the row, 0 = padding), `targets` (int32) and `loss_mask` (float32).
@@ -27,10 +31,12 @@ for an earlier chunk the same pair is the first target of the next chunk, so not
 with a finite `num_epochs`, the rows of the trailing partial batch. Empty documents still give BOS EOS.
 Packing keeps up to `num_packing_bins` rows open, so documents of neighbouring epochs can share a row.
 
-`eval_batches` is the evaluation pass over a split: every document once, in order, packed the same way without
-shuffling, the last batch padded with empty rows (loss_mask 0), so summing loss over batches covers the split.
+`eval_batches` is the evaluation pass over a split: every document once, in order within its shard, packed the same
+way without shuffling, the last batch padded with empty rows (loss_mask 0), so summing loss over batches covers the
+split.
 """
 
+import itertools
 from typing import Iterator
 
 import grain
@@ -70,19 +76,12 @@ def add_targets(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
           "targets": targets, "loss_mask": loss_mask}
 
 
-def _process_shard(source: TextSource, process_index: int | None, process_count: int | None) -> grain.MapDataset:
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
     raise UserError(f"process_index={process_index} is not in [0, process_count={process_count})")
-  return grain.MapDataset.source(source)[process_index::process_count]
-
-
-def _per_process_batch(batch_size: int, process_count: int | None) -> int:
-  process_count = jax.process_count() if process_count is None else process_count
-  if batch_size <= 0 or batch_size % process_count:
-    raise UserError(f"batch_size={batch_size} must be a positive multiple of process_count={process_count}")
-  return batch_size // process_count
+  return process_index, process_count
 
 
 def _packed_rows(documents: grain.MapDataset, tokenizer: Tokenizer, seq_len: int, num_packing_bins: int,
@@ -113,43 +112,77 @@ class _SplitDocument(grain.experimental.FlatMapTransform):
     return [{"tokens": chunk} for chunk in split_document(tokens, self._seq_len)]
 
 
+def _local_shards(batch_size: int, num_shards: int | None, process_index: int | None,
+                  process_count: int | None) -> tuple[int, int, range]:
+  """(num_shards, rows a shard gives each batch, this process's shards)."""
+  process_index, process_count = _process(process_index, process_count)
+  if batch_size <= 0 or batch_size % process_count:
+    raise UserError(f"batch_size={batch_size} must be a positive multiple of process_count={process_count}")
+  num_shards = process_count if num_shards is None else num_shards
+  if num_shards <= 0 or num_shards % process_count or batch_size % num_shards:
+    raise UserError(f"num_shards={num_shards} must be a positive multiple of process_count={process_count} that "
+                    f"divides batch_size={batch_size}")
+  per_process = num_shards // process_count
+  return num_shards, batch_size // num_shards, range(process_index * per_process, (process_index + 1) * per_process)
+
+
 def make_pipeline(source: TextSource, tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int = 0,
                   process_index: int | None = None, process_count: int | None = None, num_epochs: int | None = None,
-                  num_packing_bins: int = 16, read_threads: int = 1,
-                  prefetch_batches: int = 2) -> grain.DatasetIterator:
+                  num_packing_bins: int = 16, read_threads: int = 1, prefetch_batches: int = 2,
+                  num_shards: int | None = None) -> grain.DatasetIterator:
   """The training iterator of one process: batches of `batch_size // process_count` packed rows.
 
-  process_index, process_count: this process's shard (default jax.process_index(), jax.process_count()).
+  process_index, process_count: this process's part (default jax.process_index(), jax.process_count()).
+  num_shards: document shards the global batch is drawn from, a multiple of process_count (the default) dividing
+    batch_size; fixing it keeps the batches the same on any number of processes that divides it.
   num_epochs: None repeats forever. The returned iterator has get_state() / set_state() for checkpoints; close() it
   to stop its prefetch thread.
   """
   if not 0 <= seed < 2**32:
     raise UserError(f"seed={seed} must be in [0, 2**32)")
-  per_process_batch = _per_process_batch(batch_size, process_count)
-  documents = _process_shard(source, process_index, process_count)
-  if not len(documents):
-    raise UserError(f"{source.description}: this process's shard has no documents")
-  documents = documents.shuffle(seed=seed).repeat(num_epochs)
-  rows = _packed_rows(documents, tokenizer, seq_len, num_packing_bins, seed, shuffle_rows=True,
-                      read_threads=read_threads)
-  batches = rows.batch(per_process_batch, drop_remainder=True)
+  num_shards, rows_per_shard, shards = _local_shards(batch_size, num_shards, process_index, process_count)
+  shard_batches = []
+  for shard in shards:
+    documents = grain.MapDataset.source(source)[shard::num_shards]
+    if not len(documents):
+      raise UserError(f"{source.description}: shard {shard} of {num_shards} has no documents")
+    rows = _packed_rows(documents.shuffle(seed=seed).repeat(num_epochs), tokenizer, seq_len, num_packing_bins, seed,
+                        shuffle_rows=True, read_threads=read_threads)
+    shard_batches.append(rows.batch(rows_per_shard, drop_remainder=True))
+  # Not strict: with a finite num_epochs the pass ends with this process's shortest shard.
+  batches = grain.experimental.ZipIterDataset(shard_batches, strict=False).map(_side_by_side)
   return iter(grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch_batches))
+
+
+def _side_by_side(batches: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
+  return {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
 
 
 def eval_batches(source: TextSource, tokenizer: Tokenizer, seq_len: int, batch_size: int,
                  process_index: int | None = None, process_count: int | None = None,
-                 num_packing_bins: int = 16) -> Iterator[dict[str, np.ndarray]]:
-  """One in-order pass over this process's shard of a split, packed; the last batch is padded with empty rows.
+                 num_packing_bins: int = 16, num_shards: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """One in-order pass over this process's shards of a split (`num_shards` as in make_pipeline), packed.
 
-  Processes can get different numbers of batches when the shards differ in size.
+  Batch i is each shard's batch i side by side, a shard's last batch padded with empty rows and a shard that has
+  ended giving only empty rows, until every shard of the process has ended. So the first k global batches are the
+  same on any process count, and processes can get different numbers of batches.
   """
-  per_process_batch = _per_process_batch(batch_size, process_count)
-  documents = _process_shard(source, process_index, process_count)
+  num_shards, rows_per_shard, shards = _local_shards(batch_size, num_shards, process_index, process_count)
+  empty = {key: np.zeros((rows_per_shard, seq_len), np.float32 if key == "loss_mask" else np.int32)
+           for key in BATCH_KEYS}
+  passes = [_eval_shard(grain.MapDataset.source(source)[shard::num_shards], tokenizer, seq_len, rows_per_shard,
+                        num_packing_bins) for shard in shards]
+  for batches in itertools.zip_longest(*passes, fillvalue=empty):
+    yield _side_by_side(batches)
+
+
+def _eval_shard(documents: grain.MapDataset, tokenizer: Tokenizer, seq_len: int, rows: int,
+                num_packing_bins: int) -> Iterator[dict[str, np.ndarray]]:
   if not len(documents):
     return
-  rows = _packed_rows(documents, tokenizer, seq_len, num_packing_bins, seed=0, shuffle_rows=False, read_threads=1)
-  for batch in rows.batch(per_process_batch, drop_remainder=False):
-    missing = per_process_batch - len(batch["tokens"])
+  packed = _packed_rows(documents, tokenizer, seq_len, num_packing_bins, seed=0, shuffle_rows=False, read_threads=1)
+  for batch in packed.batch(rows, drop_remainder=False):
+    missing = rows - len(batch["tokens"])
     if missing:
       batch = {key: np.concatenate([value, np.zeros((missing, seq_len), value.dtype)]) for key, value in batch.items()}
     yield batch
