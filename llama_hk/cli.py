@@ -32,8 +32,19 @@ def setup_jax() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   if FLAGS.coordinator_address or FLAGS.num_processes:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # Only CPU devices use it.
+    _native_stdout_to_stderr()
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
                                process_id=FLAGS.process_id)
+
+
+def _native_stdout_to_stderr() -> None:
+  """Keeps stdout for what the binary prints: Gloo logs its peer connections with C++'s std::cout, from its own
+  threads, which would land inside streamed completions. File descriptor 1 now goes to stderr, and Python's
+  sys.stdout writes to the original stdout."""
+  sys.stdout.flush()
+  stdout_fd = os.dup(1)
+  os.dup2(2, 1)
+  sys.stdout = os.fdopen(stdout_fd, "w", encoding=sys.stdout.encoding, errors=sys.stdout.errors)
 
 
 def dry_run_config(checkpoint: str | None):

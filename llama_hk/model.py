@@ -139,20 +139,27 @@ def transpose_weights(params) -> dict:
   return out
 
 
-def _dense(x, name, in_shape, out_shape, config: LlamaConfig, **einsum_kwargs):
+def _dense(x, name, in_shape, out_shape, config: LlamaConfig, library_call: bool = False, **einsum_kwargs):
   """x (..., *in_shape) times the weight `name` (*in_shape, *out_shape): (..., *out_shape).
 
   One matrix product over the flattened axes: contracting several axes, XLA may match the activations' layout by
   transposing the weight (a copy of it per call). From `transpose_weights`' parameters the weight is stored as
-  an (out, in) matrix, and the transpose here only tells XLA its layout.
+  an (out, in) matrix. Taken as an (in, out) transpose, XLA:CPU streams it in a loop split over the threads (see
+  `transpose_weights`); with `library_call`, taken as is, XLA copies the layer's slice out and calls its
+  matrix-vector routine instead (see Attention).
   """
   n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+  lead = x.shape[:x.ndim - len(in_shape)]
+  x = x.reshape(*lead, n_in)  # (..., in)
   if _weights_transposed.get():
-    w = _param(name + _TRANSPOSED, [n_out, n_in], config).T  # (in, out)
+    w = _param(name + _TRANSPOSED, [n_out, n_in], config)  # (out, in)
+    if library_call:
+      y = jnp.einsum("...I,OI->...O", x, w, **einsum_kwargs)  # (..., out)
+    else:
+      y = jnp.einsum("...I,IO->...O", x, w.T, **einsum_kwargs)  # (..., out)
   else:
     w = _param(name, [*in_shape, *out_shape], config).reshape(n_in, n_out)  # (in, out)
-  lead = x.shape[:x.ndim - len(in_shape)]
-  y = jnp.einsum("...I,IO->...O", x.reshape(*lead, n_in), w, **einsum_kwargs)  # (..., out)
+    y = jnp.einsum("...I,IO->...O", x, w, **einsum_kwargs)  # (..., out)
   return y.reshape(*lead, *out_shape)
 
 
@@ -214,17 +221,27 @@ class Attention(hk.Module):
       key, value, kv_layout = cache_k[layer], cache_v[layer], "BGSK"  # (B, G, S, K) x 2
       cache_kv = (cache_k, cache_v, layer + 1)
     q = q.reshape(b, t, g, n // g, k)  # (B, T, G, H, K)
-    logits = jnp.einsum(f"BTGHK,{kv_layout}->BGHTS", q, key, preferred_element_type=jnp.float32)  # (B, G, H, T, S)
+    s_axis, g_axis = (1, 2) if kv_layout == "BSGK" else (2, 1)
+    if t > 1:
+      # q first: the logits come out (B, G, H, T, S), where jnp.einsum's order (keys first) has XLA transpose all
+      # T x S of them for the mask and softmax (a seventh of a 512-token prefill). A decode step keeps that order,
+      # in which the keys are read as they lie (q first would transpose the cached keys each layer).
+      logits = jax.lax.dot_general(q.transpose(0, 2, 3, 1, 4), key, (((4,), (3,)), ((0, 1), (0, g_axis))),
+                                   preferred_element_type=jnp.float32)  # (B, G, H, T, S)
+    else:
+      logits = jnp.einsum(f"BTGHK,{kv_layout}->BGHTS", q, key, preferred_element_type=jnp.float32)  # (B, G, H, 1, S)
     logits = logits * (k ** -0.5)
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)  # (B, G, H, T, S)
     probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)  # (B, G, H, T, S)
     # probs first: the product comes out (B, G, H, T, K), which in a decode step (T = 1) is (B, T, N, K) already.
     # (jnp.einsum puts `value` first, which transposes the cached values each layer, and then the out-projection
     # reads its input permuted.)
-    s_axis, g_axis = (1, 2) if kv_layout == "BSGK" else (2, 1)
     out = jax.lax.dot_general(probs, value, (((4,), (s_axis,)), ((0, 1), (0, g_axis))))  # (B, G, H, T, K)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, k)  # (B, T, N, K)
-    out = _dense(out, "out_proj", [n, k], [d], c)  # (B, T, D)
+    # A library call in a batch-1 decode on XLA:CPU: after the attention above, a run of small single-threaded
+    # steps, the streaming loop split over the threads waits for an idle one to wake up (measured on 2 cores:
+    # 23 ms a step with the loop, 19 ms with a copy of the slice and the library call).
+    out = _dense(out, "out_proj", [n, k], [d], c, library_call=True)  # (B, T, D)
     return out, cache_kv
 
 
