@@ -10,7 +10,7 @@ time(1 new token)), EOS disabled so every row runs N tokens; prefill tokens/s = 
 512-token prompt). The roofline is the weights' bytes read once per decode step at the
 memory bandwidth that a streaming sum measures here.
 
-  python bench/generate.py [--checkpoint=HF_DIR] [--new_tokens=64] [--repeats=3] [--output_json=FILE]
+  python bench/generate.py [--checkpoint=HF_DIR] [--new_tokens=64] [--repeats=5] [--output_json=FILE]
 """
 
 import argparse
@@ -146,7 +146,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--checkpoint", help="HF directory of SmolLM2-135M (default: a float32 copy of the GGUF)")
   parser.add_argument("--new_tokens", type=int, default=64)
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--output_json")
   args = parser.parse_args()
 
