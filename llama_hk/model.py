@@ -3,7 +3,7 @@
 Shape glossary:
   B batch, T query time, S key time (the cache length, or T without a cache), D d_model,
   N query heads, G key-value heads, H query heads per key-value head (N // G), K head dim,
-  F d_ff, V vocab, L layers.
+  F d_ff, V vocab, L layers, M rows (B x T flattened).
 
 RoPE uses Hugging Face's rotate-half layout: frequency i rotates the pair (i, i + K/2) of a head, not the
 adjacent pair (2i, 2i + 1) of Meta's original code. llama.cpp's GGUF files store Q and K rows permuted to the
@@ -142,24 +142,25 @@ def transpose_weights(params) -> dict:
 def _dense(x, name, in_shape, out_shape, config: LlamaConfig, library_call: bool = False, **einsum_kwargs):
   """x (..., *in_shape) times the weight `name` (*in_shape, *out_shape): (..., *out_shape).
 
-  One matrix product over the flattened axes: contracting several axes, XLA may match the activations' layout by
-  transposing the weight (a copy of it per call). From `transpose_weights`' parameters the weight is stored as
+  One 2-D matrix product over the flattened axes: contracting several axes, XLA may match the activations' layout
+  by transposing the weight (a copy of it per call); and with (B, T) kept as two row axes, XLA:CPU lays out the
+  backward pass's products with transposing copies that cost a train step a quarter of its time. From `transpose_weights`' parameters the weight is stored as
   an (out, in) matrix. Taken as an (in, out) transpose, XLA:CPU streams it in a loop split over the threads (see
   `transpose_weights`); with `library_call`, taken as is, XLA copies the layer's slice out and calls its
   matrix-vector routine instead (see Attention).
   """
   n_in, n_out = math.prod(in_shape), math.prod(out_shape)
   lead = x.shape[:x.ndim - len(in_shape)]
-  x = x.reshape(*lead, n_in)  # (..., in)
+  x = x.reshape(math.prod(lead), n_in)  # (M, in)
   if _weights_transposed.get():
     w = _param(name + _TRANSPOSED, [n_out, n_in], config)  # (out, in)
     if library_call:
-      y = jnp.einsum("...I,OI->...O", x, w, **einsum_kwargs)  # (..., out)
+      y = jnp.einsum("MI,OI->MO", x, w, **einsum_kwargs)  # (M, out)
     else:
-      y = jnp.einsum("...I,IO->...O", x, w.T, **einsum_kwargs)  # (..., out)
+      y = jnp.einsum("MI,IO->MO", x, w.T, **einsum_kwargs)  # (M, out)
   else:
     w = _param(name, [*in_shape, *out_shape], config).reshape(n_in, n_out)  # (in, out)
-    y = jnp.einsum("...I,IO->...O", x, w, **einsum_kwargs)  # (..., out)
+    y = jnp.einsum("MI,IO->MO", x, w, **einsum_kwargs)  # (M, out)
   return y.reshape(*lead, *out_shape)
 
 
@@ -349,8 +350,9 @@ class Llama(hk.Module):
     x = RMSNorm(c, name="norm")(x)  # (B, T, D)
     if c.tie_embeddings:
       # As the transpose of (V, D), which XLA:CPU streams in a batch-1 decode (see `transpose_weights`).
-      logits = jnp.einsum("BTD,DV->BTV", x, embeddings.astype(c.compute_dtype).T,
-                          preferred_element_type=jnp.float32)  # (B, T, V)
+      rows = x.reshape(-1, c.d_model)  # (M, D): one row axis, as in `_dense`
+      logits = jnp.einsum("MD,DV->MV", rows, embeddings.astype(c.compute_dtype).T,
+                          preferred_element_type=jnp.float32).reshape(*x.shape[:2], -1)  # (B, T, V)
     else:
       with hk.name_scope("lm_head"):
         logits = _dense(x, "w", [c.d_model], [c.vocab_size], c, preferred_element_type=jnp.float32)  # (B, T, V)
