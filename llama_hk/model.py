@@ -193,6 +193,60 @@ def attention_mask(positions_q, segment_ids, cache_end=None, cache_len=None):
   return jnp.arange(cache_len)[None, None, :] <= query_slots[:, :, None]  # (B, T, S)
 
 
+def _causal_self_attention(q, key, value, mask):
+  """Attention without a cache (training, evaluation): q (B, T, G, H, K), key and value (B, T, G, K), mask
+  (B, T, T) causal. Returns (B, T, G, H, K).
+
+  The queries of the sequence's first half see only its first half of keys, so the halves are computed apart and
+  the masked quarter of the T x T logits never is. The softmax's division moves after the product with the values,
+  to (T, K) numbers instead of (T, S). Together, on 2 CPU cores, the attention's forward and backward in 8 layers
+  (B 8, T 256, 8 heads) take 291 ms instead of 474.
+  """
+  t = q.shape[1]
+  if t % 2 or t < 128:
+    return _attend_unnormalized(q, key, value, mask)
+  half = t // 2
+  first = _attend_unnormalized(q[:, :half], key[:, :half], value[:, :half], mask[:, :half, :half])
+  second = _attend_unnormalized(q[:, half:], key, value, mask[:, half:])
+  return jnp.concatenate([first, second], axis=1)  # (B, T, G, H, K)
+
+
+def _attend_unnormalized(q, key, value, mask):
+  """q (B, T, G, H, K), key and value (B, S, G, K), mask (B, T, S): (B, T, G, H, K), normalized last."""
+  k = q.shape[-1]
+  q = q.transpose(0, 2, 3, 1, 4)  # (B, G, H, T, K)
+  key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # (B, G, S, K) x 2
+  logits = jnp.einsum("BGHTK,BGSK->BGHTS", q, key, preferred_element_type=jnp.float32) * (k ** -0.5)
+  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)  # (B, G, H, T, S)
+  # Shifting by the row maximum changes no value or gradient, so the shift needs none of its own.
+  weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))  # (B, G, H, T, S)
+  out = jnp.einsum("BGHTS,BGSK->BGHTK", weights.astype(value.dtype), value)  # (B, G, H, T, K)
+  out = out / jnp.sum(weights, axis=-1, keepdims=True)  # (B, G, H, T, K)
+  return out.astype(value.dtype).transpose(0, 3, 1, 2, 4)  # (B, T, G, H, K)
+
+
+def _cached_attention(q, key, value, mask):
+  """q (B, T, G, H, K) against a layer's cache: key and value (B, G, S, K), mask (B, T, S). Returns
+  (B, T, G, H, K)."""
+  t, k = q.shape[1], q.shape[-1]
+  if t > 1:
+    # q first: the logits come out (B, G, H, T, S), where jnp.einsum's order (keys first) has XLA transpose all
+    # T x S of them for the mask and softmax (a seventh of a 512-token prefill). A decode step keeps that order,
+    # in which the keys are read as they lie (q first would transpose the cached keys each layer).
+    logits = jax.lax.dot_general(q.transpose(0, 2, 3, 1, 4), key, (((4,), (3,)), ((0, 1), (0, 1))),
+                                 preferred_element_type=jnp.float32)  # (B, G, H, T, S)
+  else:
+    logits = jnp.einsum("BTGHK,BGSK->BGHTS", q, key, preferred_element_type=jnp.float32)  # (B, G, H, 1, S)
+  logits = logits * (k ** -0.5)
+  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)  # (B, G, H, T, S)
+  probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)  # (B, G, H, T, S)
+  # probs first: the product comes out (B, G, H, T, K), which in a decode step (T = 1) is (B, T, N, K) already.
+  # (jnp.einsum puts `value` first, which transposes the cached values each layer, and then the out-projection
+  # reads its input permuted.)
+  out = jax.lax.dot_general(probs, value, (((4,), (2,)), ((0, 1), (0, 1))))  # (B, G, H, T, K)
+  return out.transpose(0, 3, 1, 2, 4)  # (B, T, G, H, K)
+
+
 class Attention(hk.Module):
   """Grouped-query attention: G key-value heads shared by H = N / G query heads each (MHA: G = N; MQA: G = 1)."""
 
@@ -211,34 +265,18 @@ class Attention(hk.Module):
     q = apply_rope(q, positions, inv_freq)  # (B, T, N, K)
     key = apply_rope(key, positions, inv_freq)  # (B, T, G, K)
     b, t = x.shape[:2]
-    kv_layout = "BSGK"
-    if cache_kv is not None:
+    q = q.reshape(b, t, g, n // g, k)  # (B, T, G, H, K)
+    if cache_kv is None:
+      out = _causal_self_attention(q, key, value, mask).reshape(b, t, n, k)  # (B, T, N, K)
+    else:
       cache_k, cache_v, layer = cache_kv
       rows = jnp.arange(b)[:, None]  # (B, 1)
       slots = cache_end[:, None] + jnp.arange(t)[None, :]  # (B, T)
       # In place, this layer's new slots only.
       cache_k = cache_k.at[layer, rows, :, slots].set(key.astype(cache_k.dtype), mode="drop")  # (L, B, G, S, K)
       cache_v = cache_v.at[layer, rows, :, slots].set(value.astype(cache_v.dtype), mode="drop")  # (L, B, G, S, K)
-      key, value, kv_layout = cache_k[layer], cache_v[layer], "BGSK"  # (B, G, S, K) x 2
       cache_kv = (cache_k, cache_v, layer + 1)
-    q = q.reshape(b, t, g, n // g, k)  # (B, T, G, H, K)
-    s_axis, g_axis = (1, 2) if kv_layout == "BSGK" else (2, 1)
-    if t > 1:
-      # q first: the logits come out (B, G, H, T, S), where jnp.einsum's order (keys first) has XLA transpose all
-      # T x S of them for the mask and softmax (a seventh of a 512-token prefill). A decode step keeps that order,
-      # in which the keys are read as they lie (q first would transpose the cached keys each layer).
-      logits = jax.lax.dot_general(q.transpose(0, 2, 3, 1, 4), key, (((4,), (3,)), ((0, 1), (0, g_axis))),
-                                   preferred_element_type=jnp.float32)  # (B, G, H, T, S)
-    else:
-      logits = jnp.einsum(f"BTGHK,{kv_layout}->BGHTS", q, key, preferred_element_type=jnp.float32)  # (B, G, H, 1, S)
-    logits = logits * (k ** -0.5)
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)  # (B, G, H, T, S)
-    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)  # (B, G, H, T, S)
-    # probs first: the product comes out (B, G, H, T, K), which in a decode step (T = 1) is (B, T, N, K) already.
-    # (jnp.einsum puts `value` first, which transposes the cached values each layer, and then the out-projection
-    # reads its input permuted.)
-    out = jax.lax.dot_general(probs, value, (((4,), (s_axis,)), ((0, 1), (0, g_axis))))  # (B, G, H, T, K)
-    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, k)  # (B, T, N, K)
+      out = _cached_attention(q, cache_k[layer], cache_v[layer], mask).reshape(b, t, n, k)  # (B, T, N, K)
     # A library call in a batch-1 decode on XLA:CPU: after the attention above, a run of small single-threaded
     # steps, the streaming loop split over the threads waits for an idle one to wake up (measured on 2 cores:
     # 23 ms a step with the loop, 19 ms with a copy of the slice and the library call).
