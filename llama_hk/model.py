@@ -144,10 +144,10 @@ def _dense(x, name, in_shape, out_shape, config: LlamaConfig, library_call: bool
 
   One 2-D matrix product over the flattened axes: contracting several axes, XLA may match the activations' layout
   by transposing the weight (a copy of it per call); and with (B, T) kept as two row axes, XLA:CPU lays out the
-  backward pass's products with transposing copies that cost a train step a quarter of its time. From `transpose_weights`' parameters the weight is stored as
-  an (out, in) matrix. Taken as an (in, out) transpose, XLA:CPU streams it in a loop split over the threads (see
-  `transpose_weights`); with `library_call`, taken as is, XLA copies the layer's slice out and calls its
-  matrix-vector routine instead (see Attention).
+  backward pass's products with transposing copies that cost a train step a quarter of its time. From
+  `transpose_weights`' parameters the weight is stored as an (out, in) matrix. Taken as an (in, out) transpose,
+  XLA:CPU streams it in a loop split over the threads (see `transpose_weights`); with `library_call`, taken as
+  is, XLA copies the layer's slice out and calls its matrix-vector routine instead (see Attention).
   """
   n_in, n_out = math.prod(in_shape), math.prod(out_shape)
   lead = x.shape[:x.ndim - len(in_shape)]

@@ -206,6 +206,33 @@ def test_attention_gqa_matches_transformers():
   assert _max_diff_real(np.asarray(jax.jit(no_mask.apply)(params, x.numpy(), positions)), ref, segments) > 0.05
 
 
+@pytest.mark.parametrize("t", [128, 130])  # 128: the causal halves computed apart; 130: one block.
+def test_causal_self_attention_equals_plain_softmax_attention(t):
+  """Values and gradients of the training attention equal softmax(q k^T / sqrt(K), masked) v, with GQA and
+  packed segments."""
+  rng = np.random.default_rng(11)
+  b, g, h, k = 2, 2, 3, 16
+  q, key, value = (rng.standard_normal(shape).astype(np.float32) * 2
+                   for shape in ((b, t, g, h, k), (b, t, g, k), (b, t, g, k)))
+  segments = np.ones((b, t), np.int32)
+  segments[0, 40:] = 2  # The second document starts in the first half and runs into the second.
+  segments[1, t - 20:] = 0  # Padding.
+  mask = model_lib.attention_mask(None, segments)
+
+  def plain(q, key, value):
+    logits = jax.numpy.einsum("BTGHK,BSGK->BGHTS", q, key) / np.sqrt(k)
+    logits = jax.numpy.where(mask[:, None, None], logits, -jax.numpy.inf)
+    return jax.numpy.einsum("BGHTS,BSGK->BTGHK", jax.nn.softmax(logits, axis=-1), value)
+
+  ours = jax.jit(model_lib._causal_self_attention)
+  np.testing.assert_allclose(ours(q, key, value, mask), plain(q, key, value), atol=1e-5, rtol=0)
+  cotangent = rng.standard_normal((b, t, g, h, k)).astype(np.float32)
+  grads = jax.grad(lambda *a: jax.numpy.sum(ours(*a, mask) * cotangent), argnums=(0, 1, 2))(q, key, value)
+  expected = jax.grad(lambda *a: jax.numpy.sum(plain(*a) * cotangent), argnums=(0, 1, 2))(q, key, value)
+  for ours_grad, reference in zip(grads, expected):
+    np.testing.assert_allclose(ours_grad, reference, atol=1e-4, rtol=0)
+
+
 def test_decoder_block_matches_transformers():
   hf_config = _hf_config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=None)
   config = from_hf_config(hf_config.to_dict())
