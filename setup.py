@@ -2,6 +2,9 @@
 
 import setuptools
 
+# Ranges, for projects that embed the package; constraints.txt pins the exact versions the suite last passed with
+# (`pip install -c constraints.txt -e ".[test]"`): dm-haiku follows JAX releases late.
+
 INSTALL_REQUIRES = [
     # The model, its parameters and the optimizer.
     "jax>=0.4.35",
@@ -29,14 +32,12 @@ INSTALL_REQUIRES = [
     "importlib_resources",  # TFDS imports it to prepare builders in a package, declaring it only for Python < 3.9.
     # Training curves as TensorBoard event files without TensorFlow (t5x and MaxText write the same scalars).
     "tensorboardX>=2.6",
-    # Peak-memory figures in the memory report and the conversion bench.
-    "psutil>=5.9",
 ]
 
 TEST_REQUIRES = [
     # References only: transformers' PyTorch LLaMA is the independent implementation we compare against.
-    "torch==2.13.0",
-    "transformers>=4.46",
+    "torch==2.13.0",  # Pinned: its CPU wheel is what this project tests with; other versions pull CUDA builds.
+    "transformers>=5.0",  # The tests read its v5 API (`dtype=`, `config.rope_parameters`).
     "accelerate>=0.30",  # transformers' GGUF loader needs it.
     "pytest>=8",
 ]
@@ -45,7 +46,11 @@ setuptools.setup(
     name="llama_hk",
     version="0.1.0",
     description=__doc__,
-    packages=setuptools.find_packages(include=["llama_hk", "llama_hk.*"]),
+    packages=[*setuptools.find_packages(include=["llama_hk", "llama_hk.*"]), "llama_hk.gin"],
+    # gin/ stays at the top of the checkout and installs as llama_hk/gin, where `--gin_file=gin/...` and
+    # `include 'gin/...'` find it outside a checkout (llama_hk.cli.gin_config).
+    package_dir={"llama_hk.gin": "gin"},
+    package_data={"llama_hk.gin": ["**/*.gin"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},

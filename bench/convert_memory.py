@@ -7,7 +7,6 @@ bin/convert in child processes: HF -> llama_hk and llama_hk -> HF, printing each
 import argparse
 import json
 import pathlib
-import resource
 import subprocess
 import sys
 import tempfile
@@ -15,8 +14,8 @@ import time
 
 import numpy as np
 
-from llama_hk import param_names
-from llama_hk import safetensors_io
+from llama_hk import params
+from llama_hk.checkpoints import safetensors_io
 from llama_hk.config import LlamaConfig, num_params, to_hf_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -34,7 +33,7 @@ def write_checkpoint(path: pathlib.Path, config: LlamaConfig) -> int:
   (path / "config.json").write_text(json.dumps(to_hf_config(config)))
   rng = np.random.default_rng(0)
   tensors = []
-  for p in param_names.table(config):
+  for p in params.table(config):
     for i in range(config.num_layers) if p.stacked else [None]:
       name = p.hf.format(i=i)
       shape = p.hf_shape(config)

@@ -5,7 +5,7 @@ tokens per second that the train step of a gin config consumes on this machine.
 
 Prepares the shakespeare dataset and trains a tokenizer of the model's vocab_size (unless --tokenizer_dir is given)
 in a temporary directory, then times --batches pipeline batches after one warm-up batch, and --train_steps jitted
-train steps (llama_hk.training, AdamW, after two warm-up steps) on pipeline batches. Batch shape: the gin file's
+train steps (llama_hk.train, AdamW, after two warm-up steps) on pipeline batches. Batch shape: the gin file's
 BATCH_SIZE x SEQ_LEN unless given. Prints both rates of row tokens (B * T a batch) and their ratio: how many times
 over the pipeline could feed the step. Also the rate of tokens that carry a loss and of tokenization alone.
 """
@@ -21,20 +21,20 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from llama_hk import cli
-from llama_hk import training
 from llama_hk.data import pipeline
 from llama_hk.data import sources
-from llama_hk.data import tokenizer_training
-from llama_hk.tokenizer import Tokenizer
+from llama_hk.tokenizers import train_spm
+from llama_hk.tokenizers.tokenizer import Tokenizer
+from llama_hk.train import init_state, make_optimizer, make_train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def train_step_seconds(config, batches: list[dict], steps: int) -> float:
   """Seconds per jitted train step of `config` on `batches` (cycled), after two warm-up steps."""
-  optimizer = training.make_optimizer(total_steps=steps + 2)
-  step = jax.jit(training.make_train_step(config, optimizer), donate_argnums=0)
-  state = training.init_state(config, optimizer)
+  optimizer = make_optimizer(total_steps=steps + 2)
+  step = jax.jit(make_train_step(config, optimizer), donate_argnums=0)
+  state = init_state(config, optimizer)
   for batch in batches[:2]:
     state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
@@ -64,7 +64,7 @@ def main():
   tfds.disable_progress_bar()
   with tempfile.TemporaryDirectory() as tmp:
     train = sources.shakespeare("train", str(pathlib.Path(tmp) / "tfds"), source_dir=args.shakespeare_dir)
-    tokenizer_dir = args.tokenizer_dir or tokenizer_training.train_tokenizer(
+    tokenizer_dir = args.tokenizer_dir or train_spm.train_tokenizer(
         train, pathlib.Path(tmp) / "tokenizer", vocab_size=config.vocab_size)
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
 

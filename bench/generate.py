@@ -23,32 +23,11 @@ import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-GGUF = REPO.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The history of the Roman Empire spans many centuries, and its influence on law, language and"
 LONG_TEXT = REPO.parent / "shared" / "data" / "shakespeare"
 
-
-def smollm2_hf_dir() -> pathlib.Path:
-  """The float32 HF copy of the shared GGUF that the tests cache (made here the same way when missing)."""
-  import torch
-  import transformers
-  cache = pathlib.Path(os.environ.get("LLAMA_HK_TEST_CACHE", pathlib.Path.home() / ".cache" / "llama_hk" / "tests"))
-  stat = GGUF.stat()
-  out = cache / f"smollm2_hf_{stat.st_size}_{int(stat.st_mtime)}_{transformers.__version__}"
-  if (out / "model.safetensors").exists():
-    return out
-  model = transformers.AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32)
-  tokenizer = transformers.AutoTokenizer.from_pretrained(GGUF.parent, gguf_file=GGUF.name)
-  config = model.config
-  if hasattr(config, "quantization_config"):
-    del config.quantization_config  # transformers refuses to save what it loaded from GGUF; a plain copy saves.
-  plain = transformers.LlamaForCausalLM(config)
-  plain.load_state_dict(model.state_dict())
-  tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-  plain.save_pretrained(tmp)
-  tokenizer.save_pretrained(tmp)
-  tmp.rename(out)
-  return out
+sys.path.insert(0, str(REPO / "tests"))
+from reference import smollm2_hf_dir  # The tests' float32 HF copy of the GGUF, made the same way when missing.
 
 
 def best_time(fn, repeats: int) -> float:
@@ -85,9 +64,9 @@ def transformers_runner(hf_dir):
 def llama_hk_runner(hf_dir, dtype=None, compute_dtype="float32", chunk_steps=None):
   """run(ids, batch, n): our greedy generate of exactly n tokens (no tokenizer, so no EOS)."""
   from llama_hk import checkpoints
-  from llama_hk import generate as gen
+  from llama_hk import inference
   ckpt = checkpoints.load(hf_dir, dtype=dtype, compute_dtype=compute_dtype)
-  generator = gen.Generator(ckpt.config, ckpt.params, None, chunk_steps=chunk_steps)
+  generator = inference.Generator(ckpt.config, ckpt.params, None, chunk_steps=chunk_steps)
   return lambda ids, batch, n: generator.generate([ids] * batch, n)
 
 
@@ -158,7 +137,7 @@ def main():
 
   from llama_hk import checkpoints
   from llama_hk.config import num_params
-  from llama_hk.tokenizer import Tokenizer
+  from llama_hk.tokenizers.tokenizer import Tokenizer
   tokenizer = Tokenizer.from_dir(hf_dir)
   config = checkpoints.load_config(hf_dir)
   prompt = tokenizer.encode(PROMPT)

@@ -18,8 +18,9 @@ import numpy as np
 
 from llama_hk import cli
 from llama_hk import config as config_lib
-from llama_hk import param_names
-from llama_hk import training
+from llama_hk import platform
+from llama_hk import train
+from llama_hk.params import params_to_hf
 
 flags.DEFINE_integer("steps", 5, "Timed steps per side (after two warm-up steps).")
 FLAGS = flags.FLAGS
@@ -27,9 +28,9 @@ HYPER = dict(peak_learning_rate=3e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.
 
 
 def bench_jax(config, batch, params) -> float:
-  optimizer = training.make_optimizer(total_steps=100, schedule="constant", clip_norm=None, **HYPER)
-  step = jax.jit(training.make_train_step(config, optimizer), donate_argnums=0)
-  state = training.init_state(config, optimizer, params=params)
+  optimizer = train.make_optimizer(total_steps=100, schedule="constant", clip_norm=None, **HYPER)
+  step = jax.jit(train.make_train_step(config, optimizer), donate_argnums=0)
+  state = train.init_state(config, optimizer, params=params)
   for _ in range(2):
     state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
@@ -79,10 +80,10 @@ def main(argv):
            "positions": np.tile(np.arange(seq_len, dtype=np.int32), (batch_size, 1)),
            "segment_ids": np.ones((batch_size, seq_len), np.int32),
            "loss_mask": np.ones((batch_size, seq_len), np.float32)}
-  params = jax.device_get(training.init_state(config, training.make_optimizer(total_steps=10)).params)
-  state_dict = param_names.params_to_hf(params, config)
-  peak = training.measure_matmul_peak(size=2048, seconds=2.0)
-  flops_per_step = training.flops_per_token(config, seq_len) * batch_size * seq_len
+  params = jax.device_get(train.init_state(config, train.make_optimizer(total_steps=10)).params)
+  state_dict = params_to_hf(params, config)
+  peak = platform.measure_matmul_peak(size=2048, seconds=2.0)
+  flops_per_step = train.flops_per_token(config, seq_len) * batch_size * seq_len
   jax_seconds = bench_jax(config, batch, params)
   torch_seconds = bench_torch(config, batch, state_dict)
   tokens_per_step = batch_size * seq_len

@@ -12,6 +12,8 @@ from llama_hk.errors import UserError
 ROPE_SCALINGS = ("none", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
+# Attention without a KV cache (ops.attention.IMPLS); with a cache the model runs ops.attention's "cached" kernels.
+ATTENTION_IMPLS = ("split_causal", "reference", "jax", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +39,7 @@ class LlamaConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
   remat_policy: str = "none"  # Rematerialization in training: "none", "full" or "dots".
+  attention_impl: str = "split_causal"  # One of ATTENTION_IMPLS.
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -50,6 +53,8 @@ class LlamaConfig:
       raise UserError(f"LlamaConfig.head_dim={self.head_dim} must be even for RoPE")
     if self.remat_policy not in REMAT_POLICIES:
       raise UserError(f"LlamaConfig.remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise UserError(f"LlamaConfig.attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
     if self.rope_scaling not in ROPE_SCALINGS:
       raise UserError(f"LlamaConfig.rope_scaling={self.rope_scaling!r} is not one of {ROPE_SCALINGS}")
     for name in ("param_dtype", "compute_dtype"):

@@ -4,8 +4,9 @@ The mesh has three named axes:
   data    pure data parallelism: parameters replicated, the batch split;
   fsdp    the batch split and parameters (and optimizer state) sharded along their `embed` axis (ZeRO-3);
   tensor  Megatron-style tensor parallelism: heads, kv heads, the MLP hidden and the vocabulary split.
-Parameters name their axes in PARAM_AXES; activations name theirs through `constrain`, which is a no-op
-outside an `axis_rules` context, so single-device code pays nothing.
+Parameters name their axes in the parameter table (`params.TABLE`); activations name theirs through `constrain`,
+which is a no-op outside an `axis_rules` context (and `axis_rules(None)` is none), so single-device code pays
+nothing. Host arrays that every process holds become global arrays through `put_global`.
 """
 
 import contextlib
@@ -18,26 +19,11 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from llama_hk import params
 from llama_hk.config import LlamaConfig
 from llama_hk.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
-
-# Logical axes of each parameter (the layer axis of stacked leaves first).
-PARAM_AXES = {
-    ("embedding", "embeddings"): ("vocab", "embed"),
-    ("decoder/input_norm", "scale"): ("layers", "norm"),
-    ("decoder/attention", "q_proj"): ("layers", "embed", "heads", "head_dim"),
-    ("decoder/attention", "k_proj"): ("layers", "embed", "kv_heads", "head_dim"),
-    ("decoder/attention", "v_proj"): ("layers", "embed", "kv_heads", "head_dim"),
-    ("decoder/attention", "out_proj"): ("layers", "heads", "head_dim", "embed"),
-    ("decoder/post_attn_norm", "scale"): ("layers", "norm"),
-    ("decoder/mlp", "gate_proj"): ("layers", "embed", "mlp"),
-    ("decoder/mlp", "up_proj"): ("layers", "embed", "mlp"),
-    ("decoder/mlp", "down_proj"): ("layers", "mlp", "embed"),
-    ("norm", "scale"): ("norm",),
-    ("lm_head", "w"): ("embed", "vocab"),
-}
 
 # Logical axis -> mesh axes. Activation axes are prefixed `act_`.
 DEFAULT_RULES = {
@@ -95,12 +81,11 @@ def _axis_size(mesh: Mesh, mesh_axes) -> int:
 
 def param_specs(config: LlamaConfig, mesh: Mesh, rules=None) -> dict:
   """PartitionSpecs of the parameter tree, checking that every sharded dimension divides its mesh axes."""
-  from llama_hk import param_names
   rules = DEFAULT_RULES if rules is None else rules
   specs: dict[str, dict[str, PartitionSpec]] = {}
-  for p in param_names.table(config):
-    axes = PARAM_AXES[(p.module, p.name)]
-    shape = ((config.num_layers,) if p.stacked else ()) + p.our_shape(config)
+  for p in params.table(config):
+    axes = p.logical_axes()
+    shape = p.full_shape(config)
     for logical, size in zip(axes, shape):
       devices = _axis_size(mesh, rules.get(logical))
       if size % devices:
@@ -120,6 +105,14 @@ def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
   """(B, T) inputs: the batch split over the data-parallel axes."""
   rules = DEFAULT_RULES if rules is None else rules
   return NamedSharding(mesh, logical_to_spec(("act_batch", "act_length"), rules))
+
+
+def batch_multiple(mesh: Mesh | None, rules=None) -> int:
+  """The devices a batch is split over (data x fsdp by default; 1 without a mesh): a batch must be a multiple of
+  it, and it is the smallest batch that leaves no device idle."""
+  if mesh is None:
+    return 1
+  return _axis_size(mesh, (DEFAULT_RULES if rules is None else rules).get("act_batch"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,12 +148,25 @@ class DecodeLayout:
 
   def put(self, array: np.ndarray, *logical_axes: str) -> jax.Array:
     """A host array, the same in every process, as a global array laid out by `logical_axes`."""
-    return jax.make_array_from_callback(array.shape, self.sharding(*logical_axes), lambda index: array[index])
+    return put_global(array, self.sharding(*logical_axes))
+
+
+def put_global(array: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
+  """A host array, the same in every process, as a global array laid out by `sharding`; each device receives only
+  its own shard (across processes too, where `jax.device_put` would need the whole array addressable). None: the
+  default device."""
+  if sharding is None:
+    return jax.device_put(array)
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
 @contextlib.contextmanager
-def axis_rules(mesh: Mesh, rules=None):
-  """Within this context, `constrain` lays activations out on `mesh` by `rules` (logical -> mesh axes)."""
+def axis_rules(mesh: Mesh | None, rules=None):
+  """Within this context, `constrain` lays activations out on `mesh` by `rules` (logical -> mesh axes); with no
+  mesh, nothing changes (single-device code)."""
+  if mesh is None:
+    yield
+    return
   previous = getattr(_state, "active", None)
   _state.active = (mesh, dict(DEFAULT_RULES if rules is None else rules))
   try:
@@ -177,16 +183,22 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical_axes, rules)))
 
 
-def per_device_param_bytes(config: LlamaConfig, mesh: Mesh, rules=None) -> int:
-  """Bytes of parameters on the most loaded device, from shapes and shardings alone (nothing allocated)."""
-  from llama_hk import param_names
-  itemsize = np.dtype(config.param_dtype).itemsize
-  shardings = param_shardings(config, mesh, rules)
+def per_device_bytes(abstract_tree, shardings) -> int:
+  """Bytes on the most loaded device of a tree of arrays (or ShapeDtypeStructs) laid out by a matching tree of
+  shardings, from shapes alone (nothing allocated)."""
   per_device: dict = {}
-  for p in param_names.table(config):
-    shape = ((config.num_layers,) if p.stacked else ()) + p.our_shape(config)
-    sharding = shardings[p.module][p.name]
-    for device, index in sharding.devices_indices_map(shape).items():
+  for leaf, leaf_sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings), strict=True):
+    shape, itemsize = tuple(leaf.shape), np.dtype(leaf.dtype).itemsize
+    for device, index in leaf_sharding.devices_indices_map(shape).items():
       elements = math.prod(len(range(*s.indices(n))) for s, n in zip(index, shape))
       per_device[device] = per_device.get(device, 0) + elements * itemsize
-  return max(per_device.values())
+  return max(per_device.values(), default=0)
+
+
+def per_device_param_bytes(config: LlamaConfig, mesh: Mesh, rules=None) -> int:
+  """Bytes of parameters on the most loaded device, from shapes and shardings alone (nothing allocated)."""
+  shardings = param_shardings(config, mesh, rules)
+  abstract = {p.module: {} for p in params.table(config)}
+  for p in params.table(config):
+    abstract[p.module][p.name] = jax.ShapeDtypeStruct(p.full_shape(config), np.dtype(config.param_dtype))
+  return per_device_bytes(abstract, shardings)

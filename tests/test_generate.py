@@ -1,6 +1,8 @@
 """Generation: greedy ids equal transformers' generate, the KV cache path equals the full forward pass, batching
-changes nothing, sampling draws from the filtered softmax, and bad input fails in one line (library and binary)."""
+changes nothing, sampling draws from the filtered softmax, streamed text never shows a stop string, the chat loop
+keeps its conversation, and bad input fails in one line (library and binary)."""
 
+import io
 import json
 import math
 import pathlib
@@ -16,12 +18,17 @@ import pytest
 import torch
 
 from llama_hk import checkpoints
-from llama_hk import generate as gen
-from llama_hk import model as model_lib
-from llama_hk import param_names
-from llama_hk.config import from_hf_config
+from llama_hk import inference
+from llama_hk import platform
+from llama_hk import sharding
+from llama_hk.config import LlamaConfig, from_hf_config
 from llama_hk.errors import UserError
-from llama_hk.tokenizer import Tokenizer
+from llama_hk.inference import decode
+from llama_hk.inference.sampling import Sampling, top_p_threshold
+from llama_hk.models import make_forward
+from llama_hk.ops.dense import to_layout
+from llama_hk.params import params_from_hf
+from llama_hk.tokenizers.tokenizer import Tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VOCAB = 288  # Room for the GGUF test tokenizer.
@@ -33,7 +40,7 @@ def _ours(hf_model):
   """Our config and parameters for a transformers LlamaForCausalLM."""
   config = from_hf_config(hf_model.config.to_dict())
   tensors = {name: t.detach().numpy() for name, t in hf_model.state_dict().items()}
-  return config, param_names.params_from_hf(tensors, config)
+  return config, params_from_hf(tensors, config)
 
 
 def _hf_greedy(hf_model, prompt: list[int], max_new_tokens: int, eos: int | None) -> list[int]:
@@ -53,14 +60,15 @@ def smollm2(smollm2_hf_dir):
   return ckpt, hf
 
 
+@pytest.mark.slow
 def test_smollm2_greedy_matches_transformers(smollm2):
   """Three prompts in one batch (one through the chat template, which ends at EOS) against transformers one by one."""
   ckpt, hf = smollm2
   tok = ckpt.tokenizer
-  prompts = [gen.prompt_ids(tok, "The three primary colors are"),
-             gen.prompt_ids(tok, "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"),
-             gen.prompt_ids(tok, "What is the capital of France?", chat=True)]
-  generator = gen.Generator(ckpt.config, ckpt.params, tok)
+  prompts = [inference.prompt_ids(tok, "The three primary colors are"),
+             inference.prompt_ids(tok, "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"),
+             inference.prompt_ids(tok, "What is the capital of France?", chat=True)]
+  generator = inference.Generator(ckpt.config, ckpt.params, tok)
   completions, stats = generator.generate(prompts, max_new_tokens=48)
   for prompt, completion in zip(prompts, completions):
     expected = _hf_greedy(hf, prompt, 48, eos=tok.eos_id)
@@ -72,6 +80,7 @@ def test_smollm2_greedy_matches_transformers(smollm2):
   assert completions[0].text == tok.decode(completions[0].ids)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fields", [
     dict(seed=11, num_attention_heads=4, num_key_value_heads=2),
     dict(seed=12, num_attention_heads=6, num_key_value_heads=1, hidden_size=96, tie_word_embeddings=True),
@@ -83,34 +92,38 @@ def test_random_models_greedy_match_transformers(tiny_hf_model, fields):
   config, params = _ours(hf)
   rng = np.random.default_rng(fields["seed"])
   prompts = [rng.integers(3, config.vocab_size, size=n).tolist() for n in (5, 17, 1)]
-  completions, _ = gen.Generator(config, params).generate(prompts, max_new_tokens=40)
+  completions, _ = inference.Generator(config, params).generate(prompts, max_new_tokens=40)
   for prompt, completion in zip(prompts, completions):
     assert completion.ids == _hf_greedy(hf, prompt, 40, eos=None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True], ids=["lm_head", "tied"])
 def test_cached_decode_logits_equal_full_forward(tiny_hf_model, tied):
   """Through generation's prefill (right-padded rows) and decode steps, every step's logits equal the full
-  forward pass at that position; the decode steps run on `transpose_weights`' layout, as a batch of one does."""
+  forward pass at that position; the decode steps run on the batch-1 CPU weight layout, as a batch of one does."""
   hf = tiny_hf_model(seed=21, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
   config, params = _ours(hf)
-  decode_params = model_lib.transpose_weights(params)
-  assert any(name.endswith("_transposed") for leaves in decode_params.values() for name in leaves)
+  weight_layout = platform.CPU_MATVEC_LAYOUT
+  decode_params = to_layout(params, weight_layout)
+  layers, d, heads, head_dim = params["decoder/attention"]["q_proj"].shape  # (L, D, N, K); out_in: (L, N * K, D)
+  assert decode_params["decoder/attention"]["q_proj"].shape == (layers, heads * head_dim, d)
   rng = np.random.default_rng(21)
   lengths = np.array([3, 9, 6], np.int32)
   steps = 12
   sequences = rng.integers(0, config.vocab_size, size=(3, lengths.max() + steps)).astype(np.int32)
   tokens = np.where(np.arange(lengths.max())[None] < lengths[:, None], sequences[:, :lengths.max()], 0)
-  full, _ = model_lib.make_forward(config).apply(params, jnp.asarray(sequences))  # (B, T + steps, V)
-  prefill = jax.jit(gen.prefill_logits, static_argnums=(3, 4))
-  step = jax.jit(gen.step_logits, static_argnums=(3,))
+  full, _ = make_forward(config).apply(params, jnp.asarray(sequences))  # (B, T + steps, V)
+  prefill = jax.jit(decode.prefill_logits, static_argnums=(3, 4))
+  step = jax.jit(decode.step_logits, static_argnums=(3, 4))
   logits, cache = prefill(params, tokens, lengths, config, 32)
   worst = 0.0
   for k in range(steps):
     at = lengths + k - 1  # The position whose logits these are.
     expected = np.asarray(full)[np.arange(3), at]
     worst = max(worst, float(np.abs(np.asarray(logits) - expected).max()))
-    logits, cache = step(decode_params, jnp.asarray(sequences[np.arange(3), lengths + k]), cache, config)
+    logits, cache = step(decode_params, jnp.asarray(sequences[np.arange(3), lengths + k]), cache, config,
+                         weight_layout)
   print(f"cached vs full forward: max abs logits diff {worst:.2e}")
   assert worst <= 1e-4
   np.testing.assert_array_equal(np.asarray(cache.end_index), lengths + steps)
@@ -123,26 +136,28 @@ def tiny(tiny_hf_model):
   return config, params
 
 
+@pytest.mark.slow
 def test_batched_equals_unbatched(tiny):
   config, params = tiny
   rng = np.random.default_rng(5)
   prompts = [rng.integers(3, config.vocab_size, size=n).tolist() for n in (2, 30, 7, 15, 1)]
-  batched, _ = gen.Generator(config, params).generate(prompts, max_new_tokens=24)
-  grouped, stats = gen.Generator(config, params, max_batch=2, chunk_steps=5).generate(prompts, max_new_tokens=24)
+  batched, _ = inference.Generator(config, params).generate(prompts, max_new_tokens=24)
+  grouped, stats = inference.Generator(config, params, max_batch=2, chunk_steps=5).generate(prompts, max_new_tokens=24)
   assert stats.batches == 3
   for prompt, row, row_grouped in zip(prompts, batched, grouped):
-    [alone], _ = gen.Generator(config, params).generate([prompt], max_new_tokens=24)
+    [alone], _ = inference.Generator(config, params).generate([prompt], max_new_tokens=24)
     assert row.ids == alone.ids == row_grouped.ids
 
 
+@pytest.mark.slow
 def test_top_k_1_is_greedy_and_seeds_reproduce(tiny):
   config, params = tiny
-  generator = gen.Generator(config, params, chunk_steps=4)
+  generator = inference.Generator(config, params, chunk_steps=4)
   prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
   greedy, _ = generator.generate(prompts, max_new_tokens=20)
-  top1, _ = generator.generate(prompts, max_new_tokens=20, sampling=gen.Sampling(temperature=0.7, top_k=1), seed=3)
+  top1, _ = generator.generate(prompts, max_new_tokens=20, sampling=Sampling(temperature=0.7, top_k=1), seed=3)
   assert [c.ids for c in top1] == [c.ids for c in greedy]
-  hot = gen.Sampling(temperature=1.5, top_p=0.95)
+  hot = Sampling(temperature=1.5, top_p=0.95)
   first, _ = generator.generate(prompts, max_new_tokens=20, sampling=hot, seed=7)
   again, _ = generator.generate(prompts, max_new_tokens=20, sampling=hot, seed=7)
   other, _ = generator.generate(prompts, max_new_tokens=20, sampling=hot, seed=8)
@@ -150,7 +165,7 @@ def test_top_k_1_is_greedy_and_seeds_reproduce(tiny):
   assert [c.ids for c in first] != [c.ids for c in other]
 
 
-def _filtered_softmax(logits: np.ndarray, sampling: gen.Sampling) -> np.ndarray:
+def _filtered_softmax(logits: np.ndarray, sampling: Sampling) -> np.ndarray:
   """transformers' recipe, written with a sort: temperature, top-k, then top-p (keep while the mass before < p)."""
   z = logits.astype(np.float64) / sampling.temperature
   if sampling.top_k:
@@ -165,9 +180,10 @@ def _filtered_softmax(logits: np.ndarray, sampling: gen.Sampling) -> np.ndarray:
   return p / p.sum()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampling", [
-    gen.Sampling(temperature=1.0), gen.Sampling(temperature=0.6, top_k=12), gen.Sampling(temperature=1.3, top_p=0.7),
-    gen.Sampling(temperature=2.0, top_k=40, top_p=0.9)], ids=["t1", "t0.6_k12", "t1.3_p0.7", "t2_k40_p0.9"])
+    Sampling(temperature=1.0), Sampling(temperature=0.6, top_k=12), Sampling(temperature=1.3, top_p=0.7),
+    Sampling(temperature=2.0, top_k=40, top_p=0.9)], ids=["t1", "t0.6_k12", "t1.3_p0.7", "t2_k40_p0.9"])
 def test_sampling_matches_filtered_softmax(tiny, sampling):
   """4096 first tokens of one prompt (one row each) against the expected distribution: no draw outside the kept
   set, and Pearson's chi-square below its 1 - 1e-5 quantile (Wilson-Hilferty), with bins of expected count < 5
@@ -175,10 +191,10 @@ def test_sampling_matches_filtered_softmax(tiny, sampling):
   config, params = tiny
   prompt = [17, 99, 4, 250, 31]
   draws = 4096
-  completions, _ = gen.Generator(config, params, max_batch=draws).generate([prompt] * draws, max_new_tokens=1,
+  completions, _ = inference.Generator(config, params, max_batch=draws).generate([prompt] * draws, max_new_tokens=1,
                                                                             sampling=sampling, seed=1234)
   counts = np.bincount([c.ids[0] for c in completions], minlength=config.vocab_size)
-  logits, _ = model_lib.make_forward(config).apply(params, jnp.asarray([prompt]))
+  logits, _ = make_forward(config).apply(params, jnp.asarray([prompt]))
   expected = _filtered_softmax(np.asarray(logits)[0, -1], sampling) * draws
   assert counts[expected == 0].sum() == 0
   kept = expected > 0
@@ -199,8 +215,22 @@ def test_top_p_threshold_is_exact():
   probs = jnp.asarray([[0.5, 0.2, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25], [1.0, 0, 0, 0]], jnp.float32)
   expected = {0.7: [0.2, 0.25, 1.0], 0.5: [0.5, 0.25, 1.0]}  # Exactly p_m, as float32.
   for top_p, thresholds in expected.items():
-    np.testing.assert_array_equal(np.asarray(gen.top_p_threshold(probs, top_p))[:, 0],
+    np.testing.assert_array_equal(np.asarray(top_p_threshold(probs, top_p))[:, 0],
                                   np.asarray(thresholds, np.float32))
+
+
+def test_padded_batch_buckets_and_memory_report():
+  batch = decode.PaddedBatch.build([[1, 2, 3], [4] * 20, [5]], max_new_tokens=500, stop_ids=[7, 8])
+  assert batch.tokens.shape == (4, 32) and batch.cache_len == 1024 and batch.lengths.tolist() == [3, 20, 1, 0]
+  assert batch.tokens[1].tolist() == [4] * 20 + [0] * 12 and batch.stop_ids.tolist() == [7, 8] + [-1] * 6
+  assert [decode.bucket(n) for n in (1, 17, 512, 513)] == [16, 32, 512, 1024]
+  assert decode.cache_shape(5, 2048) == (8, 2048) and decode.batch_bucket(1) == 1
+  config = LlamaConfig(vocab_size=VOCAB, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=128,
+                       max_seq_len=600, compute_dtype="bfloat16")
+  report = inference.memory_report(config, sharding.make_mesh(devices=jax.devices()[:1]), max_batch=3)
+  assert report["kv_cache_rows"] == 4 and report["kv_cache_slots"] == 1024 and report["devices"] == 1
+  assert report["kv_cache_bytes_per_device"] == 4 * 1024 * 2 * 2 * 16 * 2 * 2  # (L, B, G, S, K), keys and values.
+  assert report["param_bytes_per_device"] == report["param_bytes_total"] > 0
 
 
 @pytest.fixture(scope="module")
@@ -213,8 +243,8 @@ def tiny_gguf(tmp_path_factory, tiny_hf_model, write_tiny_gguf) -> pathlib.Path:
 
 def test_stop_ids_stop_strings_and_streaming(tiny_gguf):
   ckpt = checkpoints.load(tiny_gguf)
-  generator = gen.Generator(ckpt.config, ckpt.params, ckpt.tokenizer)
-  prompt = gen.prompt_ids(ckpt.tokenizer, "the hen")
+  generator = inference.Generator(ckpt.config, ckpt.params, ckpt.tokenizer)
+  prompt = inference.prompt_ids(ckpt.tokenizer, "the hen")
   [free], _ = generator.generate([prompt], max_new_tokens=30, use_eos=False)
   assert free.finish_reason == "length" and len(free.ids) == 30
 
@@ -232,6 +262,43 @@ def test_stop_ids_stop_strings_and_streaming(tiny_gguf):
   assert sum((ids for _, ids, _ in streamed), []) == by_text.ids
 
 
+class _PieceTokenizer:
+  """Each id is a piece of UTF-8 bytes; decoding a run that ends inside a character ends in U+FFFD, as
+  byte-level BPE and SentencePiece byte fallback do."""
+
+  def __init__(self, pieces: list[bytes]):
+    self.pieces = pieces
+
+  def decode(self, ids: list[int]) -> str:
+    return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def _detokenize(pieces: list[bytes], stop_strings: list[str]) -> tuple[inference.IncrementalDetokenizer, list[str]]:
+  """Pushes every piece in turn (until a stop string), then finishes; returns the detokenizer and what it printed."""
+  text = inference.IncrementalDetokenizer(_PieceTokenizer(pieces), stop_strings)
+  printed = []
+  for token in range(len(pieces)):
+    text.push(token)
+    if text.stopped:
+      break
+    printed.append(text.printable(final=False))
+  text.finish()
+  printed.append(text.printable(final=True))
+  return text, printed
+
+
+def test_incremental_detokenizer_holds_back_partial_characters_and_stop_strings():
+  # "ï" and "€" split across two tokens each; the stop string "STOP" across two pushes ("ST", "OP").
+  pieces = [b"na", b"\xc3", b"\xafve ", b"\xe2\x82", b"\xac end ST", b"OP after"]
+  text, printed = _detokenize(pieces, ["STOP"])
+  assert text.stopped and text.text == "na\u00efve \u20ac end "
+  assert all("\ufffd" not in piece and "S" not in piece for piece in printed), printed
+  assert printed[1] == "" and printed[4] == "\u20ac end " and "".join(printed) == text.text
+  # A held-back beginning that does not become the stop string is printed once the next token rules it out.
+  text, printed = _detokenize([b"a ST", b"ar", b"\xe2\x82"], ["STOP"])
+  assert not text.stopped and printed[:2] == ["a ", "STar"] and "".join(printed) == text.text == "a STar\ufffd"
+
+
 @pytest.fixture(scope="module")
 def tiny_chat_dir(tiny_gguf, tmp_path_factory) -> pathlib.Path:
   """The tiny GGUF model as an HF directory whose tokenizer has a ChatML template."""
@@ -246,7 +313,7 @@ def tiny_chat_dir(tiny_gguf, tmp_path_factory) -> pathlib.Path:
 
 def test_chat_keeps_the_conversation(tiny_chat_dir):
   tokenizer = Tokenizer.from_dir(tiny_chat_dir)
-  chat = gen.Chat(tokenizer)
+  chat = inference.Chat(tokenizer)
   first = chat.prompt_ids("hi there")
   chat.add_reply("hello")
   second = chat.prompt_ids("the end")
@@ -255,19 +322,36 @@ def test_chat_keeps_the_conversation(tiny_chat_dir):
   assert "<|im_start|>assistant\nhello<|im_end|>" in tokenizer.decode(second)
 
 
+@pytest.mark.slow
+def test_run_chat_streams_each_reply_and_keeps_the_conversation(tiny_chat_dir):
+  ckpt = checkpoints.load(tiny_chat_dir)
+  generator = inference.Generator(ckpt.config, ckpt.params, ckpt.tokenizer, chunk_steps=2)
+  stdout, stats_out = io.StringIO(), io.StringIO()
+  records, stats = inference.run_chat(generator, io.StringIO("the hen\n\nthe\n"), stdout, stats_out,
+                                      max_new_tokens=4)
+  assert [turn for turn, _ in records] == ["the hen", "the"]  # The blank line is skipped.
+  assert stdout.getvalue() == "".join(completion.text + "\n" for _, completion in records)
+  assert stats_out.getvalue().count("time to first token") == 2 and stats.batches == 2
+  assert stats.generated_tokens == sum(len(completion.ids) for _, completion in records)
+  chat = inference.Chat(ckpt.tokenizer)
+  first = chat.prompt_ids("the hen")
+  chat.add_reply(records[0][1].text)
+  assert stats.prompt_tokens == len(first) + len(chat.prompt_ids("the"))  # The second turn saw the first.
+
+
 def test_bad_input_raises_user_error(tiny, tiny_gguf):
   config, params = tiny
-  generator = gen.Generator(config, params)
+  generator = inference.Generator(config, params)
   cases = {
-      "the prompt is empty": lambda: gen.prompt_ids(checkpoints.load(tiny_gguf).tokenizer, ""),
+      "the prompt is empty": lambda: inference.prompt_ids(checkpoints.load(tiny_gguf).tokenizer, ""),
       "prompt 1 is empty": lambda: generator.generate([[4], []], max_new_tokens=4),
       "no prompts": lambda: generator.generate([], max_new_tokens=4),
       "exceeds the model's max_seq_len=512": lambda: generator.generate([[4] * 500], max_new_tokens=13),
       "max_new_tokens=0": lambda: generator.generate([[4]], max_new_tokens=0),
-      "temperature=-0.5": lambda: gen.Sampling(temperature=-0.5),
-      "top_p=0": lambda: gen.Sampling(top_p=0),
-      "top_p=1.5": lambda: gen.Sampling(top_p=1.5),
-      "top_k=-1": lambda: gen.Sampling(top_k=-1),
+      "temperature=-0.5": lambda: Sampling(temperature=-0.5),
+      "top_p=0": lambda: Sampling(top_p=0),
+      "top_p=1.5": lambda: Sampling(top_p=1.5),
+      "top_k=-1": lambda: Sampling(top_k=-1),
       "outside [0, 288)": lambda: generator.generate([[4, 300]], max_new_tokens=4),
       "stop strings need a tokenizer": lambda: generator.generate([[4]], max_new_tokens=4, stop_strings=["x"]),
   }
@@ -283,6 +367,7 @@ def _run(args, stdin=None, cache_dir=None):
                         capture_output=True, text=True, timeout=300, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_binary(tiny_gguf, tiny_chat_dir, tmp_path):
   """Good runs (single prompt streamed + JSON, a prompt file, an interactive chat) and bad input, in parallel."""
   out_json = tmp_path / "out.json"

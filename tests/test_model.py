@@ -1,7 +1,8 @@
 """llama_hk's model against transformers' LLaMA: per module, and whole random checkpoints loaded from disk.
 
 Every reference is transformers' PyTorch implementation; weights reach our modules through the parameter table
-(`param_names`), so a layout mistake there shows up here too. float32 on CPU, fixed seeds.
+(`llama_hk.params`), so a layout mistake there shows up here too. float32 on CPU, fixed seeds. The attention
+kernels and weight layouts against the reference implementations: tests/test_ops.py.
 """
 
 import json
@@ -15,9 +16,10 @@ import transformers
 from transformers.models.llama import modeling_llama as hf_llama
 
 from llama_hk import checkpoints
-from llama_hk import model as model_lib
-from llama_hk import param_names
+from llama_hk import params as param_table
 from llama_hk.config import from_hf_config
+from llama_hk.models import kv_cache, llama, rope
+from llama_hk.ops import attention
 
 LOGITS_TOL = 1e-4  # Whole-model logits (issue 2).
 MODULE_TOL = 1e-5  # Single modules: outputs of order 1.
@@ -25,10 +27,6 @@ MODULE_TOL = 1e-5  # Single modules: outputs of order 1.
 
 def _np(x) -> np.ndarray:
   return np.asarray(x.detach().numpy() if isinstance(x, torch.Tensor) else x)
-
-
-def _row(module: str, name: str) -> param_names.Param:
-  return next(p for p in param_names.TABLE if p.module == module and p.name == name)
 
 
 def _hf_config(**overrides) -> transformers.LlamaConfig:
@@ -91,8 +89,8 @@ def test_rmsnorm_matches_transformers():
   with torch.no_grad():
     ref = norm(x).numpy()
   config = from_hf_config(_hf_config(hidden_size=64, num_attention_heads=4).to_dict())
-  ours = hk.without_apply_rng(hk.transform(lambda x: model_lib.RMSNorm(config, name="norm")(x)))
-  params = {"norm": {"scale": _row("norm", "scale").to_ours(_np(norm.weight), config)}}
+  ours = hk.without_apply_rng(hk.transform(lambda x: llama.RMSNorm(config, name="norm")(x)))
+  params = {"norm": {"scale": param_table.BY_NAME["norm", "scale"].to_ours(_np(norm.weight), config)}}
   assert jax.tree.structure(params) == jax.tree.structure(ours.init(jax.random.key(0), x.numpy()))
   out = np.asarray(ours.apply(params, x.numpy()))
   diff = np.max(np.abs(out - ref))
@@ -116,7 +114,7 @@ def test_rope_matches_transformers(case):
   hf_config = _hf_config(**ROPE_CASES[case])
   config = from_hf_config(hf_config.to_dict())
   rotary = hf_llama.LlamaRotaryEmbedding(hf_config)
-  inv_freq = model_lib.rope_frequencies(config)
+  inv_freq = rope.rope_frequencies(config)
   np.testing.assert_allclose(inv_freq, rotary.inv_freq.numpy(), rtol=1e-6, atol=0)
   torch.manual_seed(1)
   b, t, n, g, k = 2, 9, 6, 2, 16
@@ -124,15 +122,15 @@ def test_rope_matches_transformers(case):
   positions = torch.tensor([[0, 1, 2, 3, 5, 8, 13, 21, 34], [40, 63, 64, 65, 200, 511, 1000, 2047, 4000]])
   cos, sin = rotary(q, positions)
   ref_q, ref_k = hf_llama.apply_rotary_pos_emb(q, key, cos, sin)
-  out_q = model_lib.apply_rope(q.numpy().transpose(0, 2, 1, 3), positions.numpy(), inv_freq)  # (B, T, N, K)
-  out_k = model_lib.apply_rope(key.numpy().transpose(0, 2, 1, 3), positions.numpy(), inv_freq)  # (B, T, G, K)
+  out_q = rope.apply_rope(q.numpy().transpose(0, 2, 1, 3), positions.numpy(), inv_freq)  # (B, T, N, K)
+  out_k = rope.apply_rope(key.numpy().transpose(0, 2, 1, 3), positions.numpy(), inv_freq)  # (B, T, G, K)
   diff = max(np.max(np.abs(np.asarray(out_q).transpose(0, 2, 1, 3) - ref_q.numpy())),
              np.max(np.abs(np.asarray(out_k).transpose(0, 2, 1, 3) - ref_k.numpy())))
   print(f"rope[{case}] max abs diff {diff:.2e}")
   assert diff <= MODULE_TOL
   # Rotate-half, not adjacent pairs: swapping to the interleaved layout must break the match.
   interleaved = q.numpy().transpose(0, 2, 1, 3).reshape(b, t, n, 2, k // 2).swapaxes(-1, -2).reshape(b, t, n, k)
-  wrong = np.asarray(model_lib.apply_rope(interleaved, positions.numpy(), inv_freq))
+  wrong = np.asarray(rope.apply_rope(interleaved, positions.numpy(), inv_freq))
   wrong = wrong.reshape(b, t, n, k // 2, 2).swapaxes(-1, -2).reshape(b, t, n, k).transpose(0, 2, 1, 3)
   assert np.max(np.abs(wrong - ref_q.numpy())) > 0.1
 
@@ -162,7 +160,7 @@ def _module_params(hf_module: torch.nn.Module, config, prefix: str, scope: dict[
   """
   params = {}
   state = {name: _np(t) for name, t in hf_module.state_dict().items()}
-  for p in param_names.TABLE:
+  for p in param_table.TABLE:
     if p.module not in scope:
       continue
     hf_name = p.hf.format(i=0)
@@ -176,20 +174,20 @@ def test_attention_gqa_matches_transformers():
   """6 query heads over 2 kv heads (3 per group), head_dim 16 != 48 / 6, llama3 RoPE, a left-padded row."""
   hf_config = _hf_config(**ROPE_CASES["llama3"])
   config = from_hf_config(hf_config.to_dict())
-  attention = hf_llama.LlamaAttention(hf_config, layer_idx=0).eval()
-  _randomize(attention, seed=2)
+  hf_attention = hf_llama.LlamaAttention(hf_config, layer_idx=0).eval()
+  _randomize(hf_attention, seed=2)
   x, segments, positions = _attention_inputs(seed=3, d=48)
   cos, sin = hf_llama.LlamaRotaryEmbedding(hf_config)(x, torch.from_numpy(positions).long())
   with torch.no_grad():
-    ref, _ = attention(x, position_embeddings=(cos, sin), attention_mask=_hf_mask(segments))
+    ref, _ = hf_attention(x, position_embeddings=(cos, sin), attention_mask=_hf_mask(segments))
   ref = ref.numpy()
 
   def fwd(x, positions, segments):
-    mask = model_lib.attention_mask(positions, segments)
-    return model_lib.Attention(config, name="attention")(x, positions, mask)[0]
+    mask = attention.attention_mask(segments)
+    return llama.Attention(config, name="attention")(x, positions, mask)[0]
 
   ours = hk.without_apply_rng(hk.transform(fwd))
-  params = _module_params(attention, config, "model.layers.0.self_attn.", {"decoder/attention": "attention"})
+  params = _module_params(hf_attention, config, "model.layers.0.self_attn.", {"decoder/attention": "attention"})
   init = jax.eval_shape(ours.init, jax.random.key(0), x.numpy(), positions, segments)
   assert jax.tree.map(np.shape, params) == jax.tree.map(lambda s: s.shape, init)
   apply = jax.jit(ours.apply)
@@ -202,35 +200,8 @@ def test_attention_gqa_matches_transformers():
   shifted = np.asarray(apply(params, x.numpy(), positions + 1, segments))
   assert _max_diff_real(shifted, ref, segments) <= MODULE_TOL
   no_mask = hk.without_apply_rng(hk.transform(
-      lambda x, p: model_lib.Attention(config, name="attention")(x, p, np.ones((2, 12, 12), bool))[0]))
+      lambda x, p: llama.Attention(config, name="attention")(x, p, np.ones((2, 12, 12), bool))[0]))
   assert _max_diff_real(np.asarray(jax.jit(no_mask.apply)(params, x.numpy(), positions)), ref, segments) > 0.05
-
-
-@pytest.mark.parametrize("t", [128, 130])  # 128: the causal halves computed apart; 130: one block.
-def test_causal_self_attention_equals_plain_softmax_attention(t):
-  """Values and gradients of the training attention equal softmax(q k^T / sqrt(K), masked) v, with GQA and
-  packed segments."""
-  rng = np.random.default_rng(11)
-  b, g, h, k = 2, 2, 3, 16
-  q, key, value = (rng.standard_normal(shape).astype(np.float32) * 2
-                   for shape in ((b, t, g, h, k), (b, t, g, k), (b, t, g, k)))
-  segments = np.ones((b, t), np.int32)
-  segments[0, 40:] = 2  # The second document starts in the first half and runs into the second.
-  segments[1, t - 20:] = 0  # Padding.
-  mask = model_lib.attention_mask(None, segments)
-
-  def plain(q, key, value):
-    logits = jax.numpy.einsum("BTGHK,BSGK->BGHTS", q, key) / np.sqrt(k)
-    logits = jax.numpy.where(mask[:, None, None], logits, -jax.numpy.inf)
-    return jax.numpy.einsum("BGHTS,BSGK->BTGHK", jax.nn.softmax(logits, axis=-1), value)
-
-  ours = jax.jit(model_lib._causal_self_attention)
-  np.testing.assert_allclose(ours(q, key, value, mask), plain(q, key, value), atol=1e-5, rtol=0)
-  cotangent = rng.standard_normal((b, t, g, h, k)).astype(np.float32)
-  grads = jax.grad(lambda *a: jax.numpy.sum(ours(*a, mask) * cotangent), argnums=(0, 1, 2))(q, key, value)
-  expected = jax.grad(lambda *a: jax.numpy.sum(plain(*a) * cotangent), argnums=(0, 1, 2))(q, key, value)
-  for ours_grad, reference in zip(grads, expected):
-    np.testing.assert_allclose(ours_grad, reference, atol=1e-4, rtol=0)
 
 
 def test_decoder_block_matches_transformers():
@@ -245,11 +216,11 @@ def test_decoder_block_matches_transformers():
   ref = (ref[0] if isinstance(ref, tuple) else ref).numpy()
 
   def fwd(x, positions, segments):
-    mask = model_lib.attention_mask(positions, segments)
-    return model_lib.DecoderBlock(config)(x, positions, mask)[0]
+    mask = attention.attention_mask(segments)
+    return llama.DecoderBlock(config)(x, positions, mask)[0]
 
   ours = hk.without_apply_rng(hk.transform(fwd))
-  scope = {m: m.split("/", 1)[1] for m in {p.module for p in param_names.TABLE} if m.startswith("decoder/")}
+  scope = {m: m.split("/", 1)[1] for m in {p.module for p in param_table.TABLE} if m.startswith("decoder/")}
   params = _module_params(layer, config, "model.layers.0.", scope)
   init = jax.eval_shape(ours.init, jax.random.key(0), x.numpy(), positions, segments)
   assert jax.tree.map(np.shape, params) == jax.tree.map(lambda s: s.shape, init)
@@ -267,10 +238,10 @@ def test_parameter_table_matches_model_tree(tiny_hf_model):
     hf = tiny_hf_model(tie_word_embeddings=tie)
     config = from_hf_config(hf.config.to_dict())
     state = {k: v.numpy() for k, v in hf.state_dict().items()}
-    params = param_names.params_from_hf(state, config)
-    init = jax.eval_shape(model_lib.make_forward(config).init, jax.random.key(0), np.zeros((1, 4), np.int32))
+    params = param_table.params_from_hf(state, config)
+    init = jax.eval_shape(llama.make_forward(config).init, jax.random.key(0), np.zeros((1, 4), np.int32))
     assert jax.tree.map(np.shape, params) == jax.tree.map(lambda s: s.shape, init)
-    back = param_names.params_to_hf(params, config)
+    back = param_table.params_to_hf(params, config)
     assert set(back) == set(state) - ({"lm_head.weight"} if tie else set())
     for name, array in back.items():
       np.testing.assert_array_equal(array, state[name], err_msg=name)
@@ -346,7 +317,7 @@ def test_checkpoint_logits_match_transformers(case, tiny_hf_model, tmp_path):
   assert ckpt.config.tie_embeddings == hf.config.tie_word_embeddings
   tokens, segments, positions = _padded_batch(seed, hf.config.vocab_size, length=64)
   ref = _hf_logits(hf, tokens, segments, positions)
-  apply = jax.jit(model_lib.make_forward(ckpt.config).apply)
+  apply = jax.jit(llama.make_forward(ckpt.config).apply)
   ours, _ = apply(ckpt.params, tokens, positions, segments)
   diff = _max_diff_real(ours, ref, segments)
   print(f"{case}: max abs logits diff {diff:.2e} (logits up to {np.abs(ref).max():.1f})")
@@ -356,7 +327,7 @@ def test_checkpoint_logits_match_transformers(case, tiny_hf_model, tmp_path):
   assert _max_diff_real(np.asarray(unsegmented)[2:], ref[2:], segments[2:]) > 100 * LOGITS_TOL
   if counterfactual == "no_rope_scaling":
     assert ckpt.config.rope_scaling != "none"
-    plain, _ = model_lib.make_forward(ckpt.config.replace(rope_scaling="none")).apply(
+    plain, _ = llama.make_forward(ckpt.config.replace(rope_scaling="none")).apply(
         ckpt.params, tokens, positions, segments)
     assert _max_diff_real(plain, ref, segments) > 100 * LOGITS_TOL
   elif counterfactual == "unit_norms":
@@ -370,14 +341,14 @@ def test_kv_cache_decoding_matches_transformers(tiny_hf_model):
   """Prefill then token-by-token decoding through the KV cache gives transformers' full-sequence logits."""
   hf = tiny_hf_model(seed=20, rope_parameters=LLAMA3_ROPE, random_norms=True)
   config = from_hf_config(hf.config.to_dict())
-  params = param_names.params_from_hf({k: v.numpy() for k, v in hf.state_dict().items()}, config)
+  params = param_table.params_from_hf({k: v.numpy() for k, v in hf.state_dict().items()}, config)
   rng = np.random.default_rng(20)
   tokens = rng.integers(3, config.vocab_size, size=(2, 24)).astype(np.int32)
   with torch.no_grad():
     ref = hf(torch.from_numpy(tokens).long()).logits.numpy()
-  forward = model_lib.make_forward(config)
+  forward = llama.make_forward(config)
   apply = jax.jit(forward.apply)
-  cache = model_lib.init_cache(config, batch=2, length=32)
+  cache = kv_cache.init_cache(config, batch=2, length=32)
   prefill, cache = apply(params, tokens[:, :16], cache=cache)
   steps = [np.asarray(prefill)]
   for t in range(16, 24):

@@ -42,8 +42,18 @@ def test_llama2_70b_uses_grouped_query_attention():
 def test_readme_parameter_table_is_generated_from_the_presets():
   table = subprocess.run([sys.executable, str(REPO / "bin" / "param_table")], check=True, capture_output=True,
                          text=True).stdout.strip()
-  assert len(table.splitlines()) == 2 + len(list((REPO / "gin" / "models").glob("*.gin")))
+  assert len(table.splitlines()) == 2 + len(list((REPO / "gin" / "models").glob("[!_]*.gin")))
   assert table in (REPO / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name, base", [("llama2_7b", "7b"), ("llama2_13b", "13b")])
+def test_llama2_presets_are_their_llama1_base_with_a_longer_context(name, base):
+  assert preset(name) == preset(base).replace(norm_eps=1e-5, max_seq_len=4096)
+
+
+def test_the_tiny_preset_is_the_model_the_quickstart_trains():
+  quickstart = cli.gin_model_config([str(REPO / "gin" / "tiny.gin")], ["DATA_DIR = None", "TOKENIZER_DIR = None"])
+  assert quickstart == preset("tiny")
 
 
 def test_gin_override_reaches_the_config():

@@ -1,6 +1,7 @@
 """The real model (SmolLM2-135M-Instruct, GGUF and its transformers float32 copy) against transformers, on real text.
 
-One transformers forward and one llama_hk forward per import are shared by the tests of this module.
+One transformers forward and one llama_hk forward per import are shared by the tests of this module. Every test
+reads the 135M-parameter model, so all are in the slow tier; the fast tier checks the same paths on tiny models.
 """
 
 import functools
@@ -19,8 +20,8 @@ import torch
 import transformers
 
 from llama_hk import checkpoints
-from llama_hk import model as model_lib
-from llama_hk.tokenizer import Tokenizer
+from llama_hk.models import llama
+from llama_hk.tokenizers.tokenizer import Tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LOGITS_TOL = 1e-3
@@ -72,7 +73,7 @@ def hf_logits(hf_model, real_ids) -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def _apply(config):
-  return jax.jit(model_lib.make_forward(config).apply)
+  return jax.jit(llama.make_forward(config).apply)
 
 
 def _our_logits(ckpt, ids: np.ndarray) -> np.ndarray:
@@ -111,15 +112,18 @@ def _check_tokenizer(ours: Tokenizer, reference, play_text: str) -> None:
   assert (ours.bos_id, ours.eos_id) == (reference.bos_token_id, reference.eos_token_id)
 
 
+@pytest.mark.slow
 def test_tokenizer_of_hf_copy_matches_transformers(smollm2_hf_dir, hf_tokenizer, play_text):
   _check_tokenizer(Tokenizer.from_dir(smollm2_hf_dir), hf_tokenizer, play_text)
 
 
+@pytest.mark.slow
 def test_tokenizer_rebuilt_from_gguf_matches_transformers(smollm2_gguf, ours_gguf, play_text):
   reference = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
   _check_tokenizer(ours_gguf.tokenizer, reference, play_text)
 
 
+@pytest.mark.slow
 def test_hf_copy_logits_match_transformers(ours_hf_logits, hf_logits):
   diff = float(np.max(np.abs(ours_hf_logits - hf_logits)))
   print(f"HF copy: max abs logits diff {diff:.2e} over {hf_logits.shape[0]} tokens "
@@ -129,6 +133,7 @@ def test_hf_copy_logits_match_transformers(ours_hf_logits, hf_logits):
   assert np.mean(ours_hf_logits.argmax(-1) == hf_logits.argmax(-1)) > 0.99
 
 
+@pytest.mark.slow
 def test_gguf_logits_match_transformers(ours_gguf, ours_hf, real_ids, hf_logits):
   assert ours_gguf.config == ours_hf.config
   # Dequantized GGUF weights equal transformers' own dequantization (Q/K rows un-permuted).
@@ -148,6 +153,7 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
   return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
+@pytest.mark.slow
 def test_bfloat16_stays_close_to_float32(ours_hf, ours_hf_logits, real_ids):
   """bfloat16 parameters and activations: mean per-token KL(p_f32 || p_bf16) on real text."""
   config = ours_hf.config.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
@@ -181,6 +187,7 @@ def _hf_perplexity(model, ids: list[int], window: int, batch: int = 4) -> tuple[
   return math.exp(total / count), count
 
 
+@pytest.mark.slow
 def test_eval_perplexity_matches_transformers(smollm2_hf_dir, shakespeare_dir, hf_model, hf_tokenizer, tmp_path):
   text = (shakespeare_dir / PLAY).read_text()[:PERPLEXITY_CHARS]
   text_file = tmp_path / "slice.txt"

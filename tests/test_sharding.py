@@ -12,12 +12,42 @@ import socket
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
-from llama_hk import checkpoints
+from llama_hk import sharding
+from llama_hk.config import LlamaConfig, num_params
+from llama_hk.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "tests" / "sharding_scripts"
+
+
+def test_sharding_helpers_on_one_device():
+  """What needs no second device: mesh errors, the batch multiple, put_global, axis_rules(None), byte counts."""
+  mesh = sharding.make_mesh()
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+  with pytest.raises(UserError, match=r"mesh \(data=1, fsdp=2, tensor=1\) needs 2 devices, 1 are available"):
+    sharding.make_mesh(fsdp=2)
+  with pytest.raises(UserError, match="at most one axis may be -1"):
+    sharding.make_mesh(data=-1, fsdp=-1)
+  assert sharding.batch_multiple(None) == sharding.batch_multiple(mesh) == 1
+  host = np.arange(12, dtype=np.float32).reshape(3, 4)
+  for target in (None, sharding.batch_sharding(mesh)):
+    placed = sharding.put_global(host, target)
+    np.testing.assert_array_equal(np.asarray(placed), host)
+    assert target is None or placed.sharding == target
+  x = jnp.ones((2, 3))
+  with sharding.axis_rules(None):
+    assert sharding.constrain(x, ("act_batch", None)) is x  # No rules: activations are left alone.
+  config = LlamaConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48)
+  assert sharding.per_device_param_bytes(config, mesh) == num_params(config) * 4
+  abstract = {"a": jax.ShapeDtypeStruct((4, 6), jnp.bfloat16), "b": jax.ShapeDtypeStruct((3,), jnp.float32)}
+  replicated = NamedSharding(mesh, PartitionSpec())
+  assert sharding.per_device_bytes(abstract, {"a": replicated, "b": replicated}) == 4 * 6 * 2 + 3 * 4
 
 
 def run(args, devices=8, **kwargs):
@@ -33,14 +63,7 @@ def sharded_logit_diffs(checkpoint, meshes, batch=8):
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def smollm2_llama_hk(smollm2_gguf, tmp_path_factory):
-  out = tmp_path_factory.mktemp("sharding") / "smollm2"
-  ckpt = checkpoints.load(smollm2_gguf)
-  checkpoints.save(out, ckpt.config, ckpt.params, ckpt.tokenizer)
-  return out
-
-
+@pytest.mark.slow
 def test_real_model_sharded_logits_equal_one_device(smollm2_llama_hk):
   # SmolLM2: 9 query / 3 key-value heads, d_model 576: tensor parallelism over 3 devices, FSDP over 8.
   diffs = sharded_logit_diffs(smollm2_llama_hk, {"fsdp": [1, 8, 1], "data": [8, 1, 1], "data_fsdp": [2, 4, 1],
@@ -53,6 +76,7 @@ def test_real_model_sharded_logits_equal_one_device(smollm2_llama_hk):
   assert diffs["fsdp"]["devices"] == 8 and diffs["tensor"]["devices"] == 3
 
 
+@pytest.mark.slow
 def test_random_gqa_model_sharded_logits_equal_one_device(tiny_hf_model, tmp_path):
   model = tiny_hf_model(seed=3, num_attention_heads=8, num_key_value_heads=4, hidden_size=64, intermediate_size=128)
   model.save_pretrained(tmp_path / "hf")
@@ -67,6 +91,7 @@ def sharded_generations(checkpoint, meshes, max_new_tokens=16):
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_real_model_sharded_generate_equals_one_device(smollm2_llama_hk):
   # Three prompts of 5, 14 and 5 tokens in a batch of 4 rows; 16 greedy tokens each.
   runs = sharded_generations(smollm2_llama_hk, {"fsdp": [1, 8, 1], "tensor": [1, 1, 3], "data_fsdp": [2, 4, 1]})
@@ -82,6 +107,7 @@ def test_real_model_sharded_generate_equals_one_device(smollm2_llama_hk):
   assert runs["data_fsdp"]["cache_shard_shapes"] == [[30, 2, 3, 32, 64]] and runs["data_fsdp"]["param_shards"] == 4
 
 
+@pytest.mark.slow
 def test_random_gqa_model_sharded_generate_equals_one_device(tiny_hf_model, tmp_path):
   model = tiny_hf_model(seed=5, num_attention_heads=8, num_key_value_heads=4, hidden_size=64, intermediate_size=128,
                         num_hidden_layers=3)
@@ -97,6 +123,7 @@ def test_random_gqa_model_sharded_generate_equals_one_device(tiny_hf_model, tmp_
                    "data_fsdp_tensor": [[3, 1, 2, 64, 8]]}, shard
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("binary", ["eval", "generate"])
 def test_head_count_the_tensor_axis_does_not_divide_is_one_line(smollm2_llama_hk, binary):
   args = ([f"--text_file={REPO / 'README.md'}", "--batch_size=8"] if binary == "eval" else ["--prompt=Hello"])
@@ -107,6 +134,7 @@ def test_head_count_the_tensor_axis_does_not_divide_is_one_line(smollm2_llama_hk
   assert lines[-1].startswith("error: mesh axis 'tensor' has 8 devices, which does not divide heads=9"), lines[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sharding_gin", ["fsdp", "tensor"])
 def test_dry_run_7b_reports_per_device_parameters(sharding_gin):
   result = run([REPO / "bin" / "eval", "--dry_run", "--gin_file=gin/models/7b.gin",
@@ -118,6 +146,7 @@ def test_dry_run_7b_reports_per_device_parameters(sharding_gin):
   assert abs(report["param_bytes_per_device"] - expected) <= 0.01 * expected, report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sharding_gin", ["fsdp", "tensor"])
 def test_generate_dry_run_7b_reports_parameters_and_kv_cache_per_device(sharding_gin):
   result = run([REPO / "bin" / "generate", "--dry_run", "--gin_file=gin/models/7b.gin",
@@ -141,12 +170,30 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
+def test_eval_without_batch_size_fits_the_mesh(tiny_hf_model, write_tiny_gguf, shakespeare_dir, tmp_path):
+  """No --batch_size on 8 devices (FSDP): the smallest batch the mesh splits, 8 windows, scoring as one device."""
+  checkpoint = tmp_path / "tiny.gguf"
+  write_tiny_gguf(checkpoint, tiny_hf_model(seed=11, vocab_size=288, weight_std=0.05))
+  text = tmp_path / "text.txt"
+  text.write_text((shakespeare_dir / "lovers_complaint.txt").read_text()[:3000])
+  args = [REPO / "bin" / "eval", f"--checkpoint={checkpoint}", f"--text_file={text}", "--max_seq_len=64"]
+  one, eight = run(args, devices=1), run([*args, "--gin_file=gin/sharding/fsdp.gin"], devices=8)
+  for result in (one, eight):
+    assert result.returncode == 0, result.stderr[-3000:]
+  one, eight = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (one, eight))
+  assert eight["tokens"] == one["tokens"] > 8 * 63, (one, eight)  # More windows than one batch of 8.
+  assert abs(eight["nll"] - one["nll"]) <= 1e-5 * one["nll"], (one, eight)
+
+
+@pytest.mark.slow
 def test_two_processes_eval_like_one(smollm2_llama_hk, shakespeare_dir, tmp_path):
+  """README's two-process command (no --batch_size): 2 processes x 4 devices score as 1 x 8, printing once."""
   text = tmp_path / "text.txt"
   text.write_text((shakespeare_dir / "sonnets.txt" if (shakespeare_dir / "sonnets.txt").exists()
                    else shakespeare_dir / "lovers_complaint.txt").read_text()[:6000])
   args = [REPO / "bin" / "eval", f"--checkpoint={smollm2_llama_hk}", f"--text_file={text}", "--max_seq_len=128",
-          "--batch_size=8", "--gin_file=gin/sharding/fsdp.gin"]
+          "--gin_file=gin/sharding/fsdp.gin"]
   single = run(args)
   assert single.returncode == 0, single.stderr[-2000:]
   port = _free_port()
@@ -164,6 +211,7 @@ def test_two_processes_eval_like_one(smollm2_llama_hk, shakespeare_dir, tmp_path
   assert abs(multi["nll"] - one["nll"]) <= 1e-6 * one["nll"]
 
 
+@pytest.mark.slow
 def test_two_processes_generate_like_one_and_print_once(tiny_hf_model, write_tiny_gguf, tmp_path):
   checkpoint = tmp_path / "tiny.gguf"
   write_tiny_gguf(checkpoint, tiny_hf_model(seed=7, vocab_size=288, num_attention_heads=8, num_key_value_heads=4,

@@ -1,8 +1,10 @@
-"""bin/train end to end on a very small model: checkpoints and exact resume after SIGKILL, sharded equals one
+"""The training loop's parts in process (hook cadence, the NaN guard, metrics, checkpoint round trip, a dry run),
+then bin/train end to end on a very small model: checkpoints and exact resume after SIGKILL, sharded equals one
 device, two processes equal one, --dry_run of the 7B run on 8 simulated devices without data, and bad input answered
 with one `error:` line. And the real SmolLM2 fine-tuned for a few steps: validation loss before and after."""
 
 import contextlib
+import itertools
 import json
 import os
 import pathlib
@@ -12,10 +14,18 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
 from llama_hk import checkpoints
+from llama_hk import config as config_lib
+from llama_hk import sharding
+from llama_hk import train
+from llama_hk.errors import UserError
+from llama_hk.train import loop
+from llama_hk.train import metrics as metrics_lib
+from llama_hk.train import state as state_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
@@ -58,6 +68,151 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
   assert "Traceback" not in result.stderr
 
 
+TINY = config_lib.LlamaConfig(vocab_size=64, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=32,
+                              max_seq_len=16)
+
+
+class _Checkpoints:
+  """A stand-in Checkpointer: records saves; `latest_step` is the last one."""
+
+  def __init__(self, directory="ckpt"):
+    self.directory, self.saved, self.waits = directory, [], 0
+
+  def save(self, step, state, data):
+    self.saved.append(step)
+
+  def wait(self, step):
+    self.waits += 1
+
+  def latest_step(self):
+    return self.saved[-1] if self.saved else None
+
+
+def _fake_steps(losses):
+  """A step function giving `losses` in turn, and batches that are never looked at."""
+  values = iter(losses)
+  step_fn = lambda state, batch: (state, {"loss": next(values), "learning_rate": 0.1, "grad_norm": 1.0})
+  return step_fn, itertools.repeat({})
+
+
+def test_hooks_act_every_n_steps_and_after_the_last(tmp_path):
+  state = train.TrainState(step=0, params={"w": 1.0}, opt_state=None, rng=None)
+  checkpointer, evaluated = _Checkpoints(), []
+  writer = train.MetricsWriter(tmp_path, keep_through=-1)
+  eval_hook = train.EvalHook(3, 7, writer, lambda params, batch: (evaluated.append(batch) or 2.0, 1.0),
+                             lambda: (["batch"], 10), metrics_lib.Stopwatch())
+  log_hook = train.LogHook(2, 7, writer, TINY, tokens_per_step=64, seq_len=16, peak_flops=1e12,
+                           stopwatch=metrics_lib.Stopwatch())
+  hooks = [train.NanGuard(7, checkpointer), log_hook, eval_hook, train.CheckpointHook(3, 7, checkpointer, None)]
+  step_fn, batches = _fake_steps([5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.25])
+  loop.run(step_fn, state, batches, hooks, start=0, stop=7)
+  writer.close()
+  assert checkpointer.saved == [3, 6, 7] and checkpointer.waits == 1
+  assert [r["step"] for r in eval_hook.records] == [0, 3, 6, 7]  # Before the first step too, from step 0.
+  assert eval_hook.records[0]["eval_bits_per_byte"] == pytest.approx(train.bits_per_byte(2.0, 10))
+  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in lines if "loss" in r] == [2, 4, 6, 7] and log_hook.record["loss"] == 0.25
+  assert set(log_hook.record) == {"step", "loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu"}
+
+  restored = train.EvalHook(3, 7, writer, lambda params, batch: (2.0, 1.0), lambda: ([], 0), metrics_lib.Stopwatch())
+  restored.begin(4, state)  # A resumed run does not evaluate its starting point again.
+  assert restored.records == [] and not restored.due(4) and restored.due(7)
+
+
+def test_nan_guard_stops_with_one_line_naming_the_last_checkpoint():
+  state = train.TrainState(step=0, params={}, opt_state=None, rng=None)
+  checkpointer = _Checkpoints("/runs/x/checkpoints")
+  hooks = [train.NanGuard(5, checkpointer), train.CheckpointHook(1, 5, checkpointer, None)]
+  step_fn, batches = _fake_steps([3.0, 2.0, float("nan"), 1.0, 1.0])
+  with pytest.raises(UserError) as raised:
+    loop.run(step_fn, state, batches, hooks, start=0, stop=5)
+  assert str(raised.value) == ("step 3: loss is nan; stopped. The last good checkpoint, step 2, is kept in "
+                               "/runs/x/checkpoints")
+  assert checkpointer.saved == [1, 2] and checkpointer.waits == 1  # The diverged state is not saved.
+  step_fn, batches = _fake_steps([float("inf")])
+  with pytest.raises(UserError, match="^step 1: loss is inf; stopped. No checkpoint was written yet$"):
+    loop.run(step_fn, state, batches, [train.NanGuard(5)], start=0, stop=5)
+
+
+def test_config_groups_refuse_non_positive_values():
+  with pytest.raises(UserError, match="^LoopConfig.train_steps=0: must be positive$"):
+    train.LoopConfig(train_steps=0, batch_size=4, seq_len=8)
+  with pytest.raises(UserError, match="^CheckpointConfig.every=-1: must be positive$"):
+    train.CheckpointConfig(every=-1)
+  assert train.EvalConfig(max_batches=None).every == 1000
+
+
+def test_metrics_writer_keeps_records_through_the_restored_step(tmp_path):
+  lines = [json.dumps({"step": step, "loss": 1.0}) for step in range(1, 6)] + ['{"step": 6, "lo']
+  (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+  with train.MetricsWriter(tmp_path, keep_through=3) as writer:
+    writer.write({"step": 4, "loss": 0.5})
+  assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+      {"step": 1, "loss": 1.0}, {"step": 2, "loss": 1.0}, {"step": 3, "loss": 1.0}, {"step": 4, "loss": 0.5}]
+  # 6 FLOPs per matmul weight (no embedding lookup) and the attention scores, per token.
+  matmuls = config_lib.num_params(TINY, with_lm_head=True) - TINY.vocab_size * TINY.d_model
+  assert train.flops_per_token(TINY, 16) == 6 * matmuls + 3 * 4 * 16 * 2 * 8 * 1
+  assert train.bits_per_byte(8 * np.log(2), 4) == pytest.approx(2.0) and np.isnan(train.bits_per_byte(1.0, 0))
+
+
+class _Pipeline:
+  """A stand-in pipeline iterator: its state is the number of batches read."""
+
+  def __init__(self):
+    self.read = 0
+
+  def get_state(self):
+    return {"read": self.read}
+
+  def set_state(self, state):
+    self.read = state["read"]
+
+
+def test_checkpoint_round_trip_restores_state_and_pipeline(tmp_path):
+  mesh = sharding.make_mesh()
+  optimizer = train.make_optimizer(total_steps=10)
+  shardings = state_lib.state_shardings(TINY, optimizer, mesh)
+  # Params as an init checkpoint gives them (host arrays), which also skips compiling the model's init.
+  rng = np.random.default_rng(0)
+  init_params = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32),
+                             state_lib.abstract_state(TINY, optimizer, shardings, 0).params)
+  pipeline = _Pipeline()
+  with train.Checkpointer(tmp_path, keep=2) as checkpointer:
+    state, start = state_lib.initial_state(checkpointer, TINY, optimizer, shardings, init_params, 0, pipeline)
+    assert start == 0
+    jax.tree.map(np.testing.assert_array_equal, state.params, init_params)
+    pipeline.read = 7
+    checkpointer.save(3, state, pipeline)
+    checkpointer.wait(3)
+  resumed = _Pipeline()
+  with train.Checkpointer(tmp_path, keep=2) as checkpointer:
+    restored, start = state_lib.initial_state(checkpointer, TINY, optimizer, shardings, None, 0, resumed)
+  assert start == 3 and resumed.read == 7
+  jax.tree.map(np.testing.assert_array_equal, restored, state)
+  assert restored.params["lm_head"]["w"].sharding == shardings.params["lm_head"]["w"]
+
+
+def test_dry_run_reports_per_device_bytes():
+  mesh = sharding.make_mesh()
+  optimizer = train.make_optimizer(total_steps=10)
+  shardings = state_lib.state_shardings(TINY, optimizer, mesh)
+  step_fn = jax.jit(train.make_train_step(TINY, optimizer), in_shardings=(shardings, None), donate_argnums=0)
+  report = train.memory_report(TINY, optimizer, mesh, shardings, step_fn, batch_size=2, seq_len=8, seed=0)
+  params_bytes = 4 * config_lib.num_params(TINY)
+  assert (report["devices"], report["params_bytes"]) == (1, params_bytes)
+  assert report["opt_state_bytes"] == pytest.approx(2 * params_bytes, abs=64)  # AdamW moments, and counters.
+
+
+def test_run_from_scratch_needs_a_trained_tokenizer(tmp_path):
+  with train.Checkpointer(tmp_path / "run", keep=1) as checkpointer:
+    with pytest.raises(UserError, match=f"^TOKENIZER_DIR={tmp_path}: has no tokenizer; make one first with "
+                                        "bin/train_tokenizer"):
+      state_lib.starting_point(checkpointer, tmp_path / "run", TINY, None, str(tmp_path))
+    with pytest.raises(UserError, match="^TOKENIZER_DIR: not set"):
+      state_lib.starting_point(checkpointer, tmp_path / "run", TINY, None, None)
+
+
+@pytest.mark.slow
 def test_run_writes_model_dir_and_evaluates(tmp_path, data_args):
   result = run_train(tmp_path, data_args, TRAIN_STEPS=4, CHECKPOINT_EVERY=2, EVAL_EVERY=4)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -73,13 +228,16 @@ def test_run_writes_model_dir_and_evaluates(tmp_path, data_args):
   assert after["eval_loss"] < before["eval_loss"]
   assert (f"validation perplexity {before['eval_perplexity']:.3f} at step 0 -> {after['eval_perplexity']:.3f} at "
           "step 4") in result.stdout
-  assert "trainer.train.train_steps = %TRAIN_STEPS" in (tmp_path / "config.gin").read_text()
+  operative = (tmp_path / "config.gin").read_text()
+  assert "configs.LoopConfig.train_steps = %TRAIN_STEPS" in operative and "loop.train.loop = @configs.LoopConfig()" \
+      in operative
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]
   loaded = checkpoints.load(tmp_path)
   assert loaded.config.d_model == 32 and loaded.tokenizer is not None
   assert list(tmp_path.glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_identical_losses(tmp_path, data_args):
   steps = dict(TRAIN_STEPS=40, CHECKPOINT_EVERY=5)
   whole = tmp_path / "whole"
@@ -97,10 +255,12 @@ def test_killed_run_resumes_with_identical_losses(tmp_path, data_args):
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert [step for step, *_ in train_losses(killed)] == list(range(1, 41))
   assert train_losses(killed) == train_losses(whole)
-  without_timing = lambda path: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in metrics(path)]
+  without_timing = lambda path: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")}
+                                 for r in metrics(path)]
   assert without_timing(killed) == without_timing(whole)
 
 
+@pytest.mark.slow
 def test_sharded_equals_one_device(tmp_path, data_args):
   steps = dict(TRAIN_STEPS=5, CHECKPOINT_EVERY=5)
   single = run_train(tmp_path / "single", data_args, **steps)
@@ -112,6 +272,7 @@ def test_sharded_equals_one_device(tmp_path, data_args):
   np.testing.assert_allclose(eight[:, 1:3], one[:, 1:3], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_fine_tuning_smollm2_lowers_validation_loss(tmp_path, smollm2_gguf, shakespeare_data_dir, shakespeare_dir):
   """The real model from its GGUF through gin/smollm2_135m_shakespeare.gin, cut to a few short steps."""
   result = run_train(tmp_path, ["--gin_file=gin/smollm2_135m_shakespeare.gin"],
@@ -132,6 +293,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path, data_args):
   # Two document shards fix the batches (and the capped eval's) whichever process reads them; FSDP splits every
   # parameter across the processes.
@@ -156,11 +318,12 @@ def test_two_processes_train_like_one(tmp_path, data_args):
   assert checkpoints.latest_step(tmp_path / "two") == 4
 
 
+@pytest.mark.slow
 def test_dry_run_7b_on_eight_devices_reports_memory(tmp_path):
   # DATA_DIR and TOKENIZER_DIR, required to train, are left unset: a dry run reads neither.
   result = run_train(tmp_path / "unused", ["--gin_file=gin/7b.gin", "--dry_run"], env=EIGHT_DEVICES, BATCH_SIZE=8)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "per-device memory" in result.stdout
+  assert "per-device memory" in result.stderr  # The summary; stdout ends with the report as JSON.
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report["devices"] == 8 and report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
   assert report["params_bytes"] == pytest.approx(6_738_415_616 * 4 / 8, rel=1e-3)  # float32, sharded 8 ways.
@@ -168,8 +331,9 @@ def test_dry_run_7b_on_eight_devices_reports_memory(tmp_path):
   assert not (tmp_path / "unused").exists()
 
 
-def test_dry_run_prepares_no_data_and_trains_no_tokenizer(tmp_path):
-  # tiny.gin trains its tokenizer on the training split, and the split is prepared (or fetched) on first use.
+@pytest.mark.slow
+def test_dry_run_prepares_no_data_and_reads_no_tokenizer(tmp_path):
+  # The training split is prepared (or fetched) on first use, and TOKENIZER_DIR names nothing yet.
   result = run_train(tmp_path / "unused", ["--gin_file=gin/tiny.gin", "--dry_run"],
                      DATA_DIR=repr(str(tmp_path / "data")), TOKENIZER_DIR=repr(str(tmp_path / "tokenizer")))
   assert result.returncode == 0, result.stderr[-3000:]
@@ -177,19 +341,22 @@ def test_dry_run_prepares_no_data_and_trains_no_tokenizer(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_bad_gin_input(tmp_path, data_args):
-  assert_one_line_error(run_train(tmp_path, data_args, NO_SUCH_MACRO_USER=1, **{"trainer.train.no_such": 1}),
+  assert_one_line_error(run_train(tmp_path, data_args, NO_SUCH_MACRO_USER=1, **{"loop.train.no_such": 1}),
                         "gin:", "no_such")
   assert_one_line_error(run_train(tmp_path, ["--gin_file=gin/7b.gin"]), "required macro", "DATA_DIR")
   assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_model_dir_of_another_model(tmp_path, data_args):
   assert run_train(tmp_path, data_args, TRAIN_STEPS=2, CHECKPOINT_EVERY=2).returncode == 0
   other = run_train(tmp_path, data_args, TRAIN_STEPS=3, **{"config.LlamaConfig.d_model": 64})
   assert_one_line_error(other, str(tmp_path), "another model config", "d_model=32 there, 64 here")
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_keeping_last_checkpoint(tmp_path, data_args):
   result = run_train(tmp_path, data_args, TRAIN_STEPS=6, CHECKPOINT_EVERY=1, LEARNING_RATE=1e30, CLIP_NORM=None)
   assert_one_line_error(result, "step 3: loss is nan", "last good checkpoint, step 2")
@@ -212,6 +379,7 @@ def read_only(directory: pathlib.Path):
     undo()
 
 
+@pytest.mark.slow
 def test_failed_checkpoint_write_keeps_previous(tmp_path, data_args):
   assert run_train(tmp_path, data_args, TRAIN_STEPS=2, CHECKPOINT_EVERY=2).returncode == 0
   with read_only(tmp_path / "checkpoints"):

@@ -23,8 +23,7 @@ Stages, per shard (a process reads its own shards only: one, unless `num_shards`
 The global batch is thus shards 0, 1, ... side by side whichever process reads each: with `num_shards` fixed
 (it defaults to the process count), one process and several give the same batches and so the same losses.
 
-Batches are dicts of NumPy arrays of shape (B, T): `tokens`, `positions`, `segment_ids` (1, 2, ... per segment in
-the row, 0 = padding), `targets` (int32) and `loss_mask` (float32).
+Batches are dicts of NumPy arrays of shape (B, T) with the keys and dtypes of `llama_hk.data.batch`.
 
 What is not trained on: the last token of each segment has no target (for a document's last chunk that is EOS;
 for an earlier chunk the same pair is the first target of the next chunk, so nothing is lost there); padding;
@@ -43,11 +42,10 @@ import grain
 import jax
 import numpy as np
 
+from llama_hk.data.batch import BATCH_KEYS, empty_batch
 from llama_hk.data.sources import TextSource
 from llama_hk.errors import UserError
-from llama_hk.tokenizer import Tokenizer
-
-BATCH_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask")
+from llama_hk.tokenizers.tokenizer import Tokenizer
 
 
 def tokenize_document(text: str, tokenizer: Tokenizer) -> np.ndarray:
@@ -168,8 +166,7 @@ def eval_batches(source: TextSource, tokenizer: Tokenizer, seq_len: int, batch_s
   same on any process count, and processes can get different numbers of batches.
   """
   num_shards, rows_per_shard, shards = _local_shards(batch_size, num_shards, process_index, process_count)
-  empty = {key: np.zeros((rows_per_shard, seq_len), np.float32 if key == "loss_mask" else np.int32)
-           for key in BATCH_KEYS}
+  empty = empty_batch(rows_per_shard, seq_len)
   passes = [_eval_shard(grain.MapDataset.source(source)[shard::num_shards], tokenizer, seq_len, rows_per_shard,
                         num_packing_bins) for shard in shards]
   for batches in itertools.zip_longest(*passes, fillvalue=empty):
@@ -184,5 +181,6 @@ def _eval_shard(documents: grain.MapDataset, tokenizer: Tokenizer, seq_len: int,
   for batch in packed.batch(rows, drop_remainder=False):
     missing = rows - len(batch["tokens"])
     if missing:
-      batch = {key: np.concatenate([value, np.zeros((missing, seq_len), value.dtype)]) for key, value in batch.items()}
+      padding = empty_batch(missing, seq_len)
+      batch = {key: np.concatenate([batch[key], padding[key]]) for key in BATCH_KEYS}
     yield batch

@@ -14,7 +14,8 @@ import numpy as np  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from llama_hk import checkpoints, generate, sharding  # noqa: E402
+from llama_hk import checkpoints, inference, sharding  # noqa: E402
+from llama_hk.inference import decode  # noqa: E402
 
 checkpoint, max_new_tokens, meshes = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 TEXTS = ["The three primary colors are", "Once upon a time, in a land far away, there lived a", "def fib(n):"]
@@ -28,18 +29,18 @@ def run(mesh):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, ckpt.config.vocab_size, size=n).tolist() for n in (5, 13, 2)]
   seen = []  # The cache of each decode call.
-  decode = generate._decode
+  decode_chunk = decode.decode_chunk
 
-  def recording_decode(params, state, *args, **kwargs):
+  def recording_decode_chunk(params, state, *args, **kwargs):
     seen.append((state.cache.k.shape, state.cache.k.sharding.shard_shape(state.cache.k.shape)))
-    return decode(params, state, *args, **kwargs)
+    return decode_chunk(params, state, *args, **kwargs)
 
-  generate._decode = recording_decode
+  decode.decode_chunk = recording_decode_chunk
   try:
-    generator = generate.Generator(ckpt.config, ckpt.params, ckpt.tokenizer, mesh=mesh)
+    generator = inference.Generator(ckpt.config, ckpt.params, ckpt.tokenizer, mesh=mesh)
     completions, _ = generator.generate(prompts, max_new_tokens, use_eos=False)
   finally:
-    generate._decode = decode
+    decode.decode_chunk = decode_chunk
   shards = [len({str(index) for index in leaf.sharding.devices_indices_map(leaf.shape).values()})
             for leaf in jax.tree.leaves(ckpt.params)]
   return {"ids": [c.ids for c in completions], "prompt_lengths": [len(p) for p in prompts],

@@ -10,11 +10,12 @@ import numpy as np  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from llama_hk import checkpoints, model, sharding  # noqa: E402
+from llama_hk import checkpoints, sharding  # noqa: E402
+from llama_hk.models import llama  # noqa: E402
 
 checkpoint, batch, meshes = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 reference = checkpoints.load(checkpoint)
-forward = model.make_forward(reference.config)
+forward = llama.make_forward(reference.config)
 rng = np.random.default_rng(0)
 tokens = rng.integers(3, reference.config.vocab_size, size=(batch, 48)).astype(np.int32)
 segments = np.ones_like(tokens)

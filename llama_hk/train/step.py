@@ -13,22 +13,17 @@ The optimizer is optax AdamW (decoupled weight decay, PyTorch's formulation) wit
 embeddings, after global-norm clipping, on a linear-warmup-then-cosine (or constant) learning rate.
 """
 
-import math
-import time
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from llama_hk import model as model_lib
-from llama_hk.config import LlamaConfig, num_params
+from llama_hk.config import LlamaConfig
+from llama_hk.data.batch import BATCH_KEYS
 from llama_hk.errors import UserError
-
-BATCH_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask")
-NO_DECAY_MODULES = ("embedding",)  # Besides every norm scale.
-
+from llama_hk.models import make_forward
+from llama_hk.params import map_params
 
 class TrainState(NamedTuple):
   """Everything a step changes; a pytree, so it is jitted, sharded, donated and checkpointed whole."""
@@ -44,9 +39,9 @@ class Optimizer(NamedTuple):
 
 
 def weight_decay_mask(params) -> Any:
-  """True where weight decay applies: the matrices, not norm scales or embeddings (as LLaMA/GPT recipes do)."""
-  return {module: {name: not (name == "scale" or module in NO_DECAY_MODULES) for name in leaves}
-          for module, leaves in params.items()}
+  """True where weight decay applies (the parameter table's `decay`): the matrices, not norm scales or embeddings,
+  as LLaMA/GPT recipes do."""
+  return map_params(lambda row, _: row.decay, params)
 
 
 def learning_rate_schedule(peak_learning_rate: float, total_steps: int, warmup_steps: int = 0,
@@ -79,7 +74,7 @@ def init_state(config: LlamaConfig, optimizer: Optimizer, seed: int = 0, params=
   """A fresh state: `params` (e.g. a loaded checkpoint's) or a random initialization from `seed`."""
   rng = jax.random.PRNGKey(seed)
   if params is None:
-    params = model_lib.make_forward(config).init(rng, jnp.zeros((1, 2), jnp.int32))
+    params = make_forward(config).init(rng, jnp.zeros((1, 2), jnp.int32))
   params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.transform.init(params),
                     rng=rng)
@@ -110,7 +105,7 @@ def _micro_batches(batch: dict, count: int) -> dict:
 def make_train_step(config: LlamaConfig, optimizer: Optimizer, z_loss_weight: float = 0.0,
                     grad_accum_steps: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The pure step: batch (B, T) arrays -> the updated state and {"loss", "z_loss", "learning_rate", "grad_norm"}."""
-  forward = model_lib.make_forward(config)
+  forward = make_forward(config)
 
   def step(state: TrainState, batch: dict):
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
@@ -141,7 +136,7 @@ def make_train_step(config: LlamaConfig, optimizer: Optimizer, z_loss_weight: fl
 
 def make_eval_step(config: LlamaConfig) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
   """params, batch -> (summed NLL in nats, scored tokens) over the batch's masked tokens."""
-  forward = model_lib.make_forward(config)
+  forward = make_forward(config)
 
   def step(params, batch):
     logits, _ = forward.apply(params, batch["tokens"], batch["positions"], batch["segment_ids"])
@@ -149,63 +144,3 @@ def make_eval_step(config: LlamaConfig) -> Callable[[Any, dict], tuple[jax.Array
     return nll_sum, jnp.sum(batch["loss_mask"])
 
   return step
-
-
-def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
-  """Training FLOPs per token (forward + backward = 3 x forward): 6 per matmul weight, plus attention's scores.
-
-  The embedding lookup is no matmul; the output head is. Attention: QK^T and PV are 2 * 2 * T * N * K
-  forward FLOPs per token and layer, counting the full causal square as most kernels compute it.
-  """
-  matmul_weights = num_params(config, with_lm_head=True) - config.vocab_size * config.d_model
-  attention = 4 * seq_len * config.num_heads * config.head_dim * config.num_layers
-  return 6.0 * matmul_weights + 3.0 * attention
-
-
-# Dense bfloat16 peaks (FLOP/s per device) of known accelerators, for MFU.
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
-              "NVIDIA A100": 312e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12}
-
-
-def measure_matmul_peak(size: int = 1024, dtype=jnp.float32, seconds: float = 0.5) -> float:
-  """FLOP/s of one device on a square float32 matmul: the MFU denominator where no peak is tabulated (CPUs)."""
-  a = jnp.ones((size, size), dtype)
-  matmul = jax.jit(lambda x: x @ a)
-  x = matmul(a).block_until_ready()
-  runs, start = 0, time.perf_counter()
-  while time.perf_counter() - start < seconds:
-    x = matmul(x)
-    runs += 1
-  x.block_until_ready()
-  return 2.0 * size ** 3 * runs / (time.perf_counter() - start)
-
-
-def device_peak_flops(device=None) -> float:
-  """The tabulated peak of the device kind, else a measured float32 matmul peak."""
-  kind = (device or jax.devices()[0]).device_kind
-  for name, peak in PEAK_FLOPS.items():
-    if kind.startswith(name):
-      return peak
-  return measure_matmul_peak()
-
-
-def bytes_of_scored_text(batch: dict[str, np.ndarray], tokenizer) -> int:
-  """UTF-8 bytes of the text a batch's targets spell, by decoding each packed segment.
-
-  A segment scores tokens[1:]; its text is decode(segment) less decode(first token) (special tokens decode to
-  nothing, and a leading dummy-prefix space is dropped from both alike).
-  """
-  total = 0
-  for tokens, segments, mask in zip(batch["tokens"], batch["segment_ids"], batch["loss_mask"]):
-    for segment in np.unique(segments[segments != 0]):
-      ids = tokens[segments == segment]
-      if not mask[segments == segment].any():
-        continue
-      whole = tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8")
-      first = tokenizer.decode(ids[:1], skip_special_tokens=True).encode("utf-8")
-      total += len(whole) - len(first)
-  return total
-
-
-def bits_per_byte(nll_nats: float, num_bytes: int) -> float:
-  return nll_nats / math.log(2) / num_bytes if num_bytes else float("nan")

@@ -16,13 +16,12 @@ import io
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
-from llama_hk.errors import UserError
+from llama_hk import io_utils
+from llama_hk.errors import UserError, first_line
 
 LLAMA_TRAINER_OPTIONS = dict(
     model_type="bpe",
@@ -81,7 +80,7 @@ def train_sentencepiece(documents: Iterable[str], vocab_size: int, max_sentences
         max_sentence_length=MAX_SENTENCE_BYTES, num_threads=num_threads or os.cpu_count(), minloglevel=1,
         **LLAMA_TRAINER_OPTIONS)
   except RuntimeError as e:
-    raise UserError(f"vocab_size={vocab_size}: sentencepiece training failed: {str(e).splitlines()[0]}") from None
+    raise UserError(f"vocab_size={vocab_size}: sentencepiece training failed: {first_line(e)}") from None
   return model.getvalue()
 
 
@@ -96,16 +95,9 @@ def _absent(output: str | os.PathLike) -> pathlib.Path:
 def write_tokenizer_dir(model: bytes, output: str | os.PathLike) -> pathlib.Path:
   """Writes tokenizer.model and tokenizer_config.json into a temporary directory and renames it to `output`."""
   output = _absent(output)
-  output.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-  try:
+  with io_utils.atomic_dir(output) as staging:
     (staging / "tokenizer.model").write_bytes(model)
     (staging / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
-    staging.chmod(0o755)
-    staging.rename(output)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   return output
 
 

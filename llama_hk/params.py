@@ -1,6 +1,8 @@
-"""The one table that maps every parameter between llama_hk, Hugging Face and GGUF, driving both directions.
+"""The parameter table: one row per parameter drives conversion, sharding, weight decay and weight layouts.
 
-Each row names a parameter three ways and says how its layout relates to Hugging Face's:
+Each row names a parameter three ways (ours, Hugging Face's, GGUF's), gives its per-layer shape in glossary
+letters, its logical sharding axes (derived from the letters unless given), whether weight decay applies, and
+says how its layout relates to Hugging Face's:
   "copy":   the same array (norm scales, the embedding table).
   "linear": a torch `nn.Linear` weight (out, in); ours is its transpose with the in and out axes unflattened,
             e.g. q_proj (D, N, K) <-> (N*K, D).
@@ -10,7 +12,8 @@ rotate-half RoPE layout to the adjacent-pair one; `gguf_heads` names the head co
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -20,6 +23,8 @@ from llama_hk.errors import UserError
 _DIMS = {
     "V": "vocab_size", "D": "d_model", "N": "num_heads", "G": "num_kv_heads", "K": "head_dim", "F": "d_ff",
 }
+# Logical axis of each shape letter (sharding.DEFAULT_RULES maps these to mesh axes).
+_AXES = {"V": "vocab", "D": "embed", "N": "heads", "G": "kv_heads", "K": "head_dim", "F": "mlp"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +37,26 @@ class Param:
   layout: str = "copy"  # "copy" or "linear".
   n_in: int = 1  # For "linear": how many leading axes of our shape are the input.
   gguf_heads: str | None = None  # For Q and K: the config field llama.cpp's permutation used.
+  axes: tuple[str, ...] | None = None  # Logical axes of the per-layer shape; None: from the shape letters.
+  decay: bool = True  # Whether AdamW's weight decay applies.
 
   @property
   def stacked(self) -> bool:
     return "{i}" in self.hf
+
+  @property
+  def is_matmul(self) -> bool:
+    """A matrix weight: its first `n_in` axes meet the activations in a product (ops.dense)."""
+    return self.layout == "linear"
+
+  def logical_axes(self) -> tuple[str, ...]:
+    """Logical axes of the full leaf, the layer axis of stacked leaves first."""
+    per_layer = self.axes or tuple(_AXES[letter] for letter in self.shape)
+    return (("layers",) if self.stacked else ()) + per_layer
+
+  def full_shape(self, config: LlamaConfig) -> tuple[int, ...]:
+    """The leaf's shape: (L, *per-layer shape) for stacked leaves."""
+    return ((config.num_layers,) if self.stacked else ()) + self.our_shape(config)
 
   def our_shape(self, config: LlamaConfig) -> tuple[int, ...]:
     return tuple(getattr(config, _DIMS[letter]) for letter in self.shape)
@@ -59,8 +80,9 @@ class Param:
 
 
 TABLE = (
-    Param("embedding", "embeddings", "model.embed_tokens.weight", "token_embd.weight", "VD"),
-    Param("decoder/input_norm", "scale", "model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight", "D"),
+    Param("embedding", "embeddings", "model.embed_tokens.weight", "token_embd.weight", "VD", decay=False),
+    Param("decoder/input_norm", "scale", "model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight", "D",
+          axes=("norm",), decay=False),
     Param("decoder/attention", "q_proj", "model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight",
           "DNK", "linear", 1, gguf_heads="num_heads"),
     Param("decoder/attention", "k_proj", "model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight",
@@ -70,15 +92,18 @@ TABLE = (
     Param("decoder/attention", "out_proj", "model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight",
           "NKD", "linear", 2),
     Param("decoder/post_attn_norm", "scale", "model.layers.{i}.post_attention_layernorm.weight",
-          "blk.{i}.ffn_norm.weight", "D"),
+          "blk.{i}.ffn_norm.weight", "D", axes=("norm",), decay=False),
     Param("decoder/mlp", "gate_proj", "model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight",
           "DF", "linear", 1),
     Param("decoder/mlp", "up_proj", "model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight", "DF", "linear", 1),
     Param("decoder/mlp", "down_proj", "model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight",
           "FD", "linear", 1),
-    Param("norm", "scale", "model.norm.weight", "output_norm.weight", "D"),
+    Param("norm", "scale", "model.norm.weight", "output_norm.weight", "D", axes=("norm",), decay=False),
     Param("lm_head", "w", "lm_head.weight", "output.weight", "DV", "linear", 1),
 )
+
+
+BY_NAME = {(p.module, p.name): p for p in TABLE}
 
 
 def table(config: LlamaConfig) -> tuple[Param, ...]:
@@ -86,10 +111,26 @@ def table(config: LlamaConfig) -> tuple[Param, ...]:
   return tuple(p for p in TABLE if not (p.module == "lm_head" and config.tie_embeddings))
 
 
+def map_params(fn: Callable[[Param, Any], Any], params: Mapping) -> dict:
+  """{module: {name: fn(row, leaf)}} over a parameter tree (or any tree of the same two levels)."""
+  return {module: {name: fn(BY_NAME[(module, name)], leaf) for name, leaf in leaves.items()}
+          for module, leaves in params.items()}
+
+
 def unpermute_gguf_rows(array: np.ndarray, heads: int) -> np.ndarray:
   """Undoes llama.cpp's Q/K row permutation (rotate-half -> adjacent pairs) for a (heads*K, D) weight."""
   rows = array.shape[0]
   return array.reshape(heads, rows // heads // 2, 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
+
+
+class Leaf(Protocol):
+  """A parameter being assembled from a checkpoint's tensors: `set` each layer (None: the whole unstacked leaf),
+  then `finish` gives the array. Built as `leaf_type(module, name, shape, dtype)`; checkpoints.leaves has the
+  device-side one."""
+
+  def set(self, layer: int | None, value: np.ndarray) -> None: ...
+
+  def finish(self) -> Any: ...
 
 
 class HostLeaf:
@@ -110,18 +151,19 @@ class HostLeaf:
 
 
 def iter_params(get: Callable[[str], np.ndarray], config: LlamaConfig, naming: str = "hf",
-                dtype: str | None = None, source: str = "checkpoint", leaf_type=HostLeaf):
+                dtype: str | None = None, source: str = "checkpoint",
+                leaf_type: Callable[..., Leaf] = HostLeaf) -> Iterator[tuple[str, str, Any]]:
   """Yields (module, name, leaf) of the Haiku parameter tree, one leaf at a time, from a name -> array lookup.
 
   `get` returns HF-layout arrays. Each leaf is a `leaf_type(module, name, shape, dtype)` filled layer by layer
-  (HostLeaf: NumPy; checkpoints' device leaves: device buffers updated in place), so a consumer that keeps
+  (HostLeaf: NumPy; checkpoints.leaves.DeviceLeaf: device buffers updated in place), so a consumer that keeps
   nothing (streaming conversion) holds one leaf at a time. `naming` is "hf" or "gguf" (GGUF rows of Q and K are
   unpermuted here). A missing name or a shape that disagrees with the config raises UserError naming `source`.
   """
   dtype = np.dtype(dtype or config.param_dtype)
   for p in table(config):
     template = p.hf if naming == "hf" else p.gguf
-    leaf = leaf_type(p.module, p.name, ((config.num_layers,) if p.stacked else ()) + p.our_shape(config), dtype)
+    leaf = leaf_type(p.module, p.name, p.full_shape(config), dtype)
     for i in range(config.num_layers) if p.stacked else [None]:
       name = template.format(i=i)
       try:
@@ -139,12 +181,17 @@ def iter_params(get: Callable[[str], np.ndarray], config: LlamaConfig, naming: s
     yield p.module, p.name, leaf.finish()
 
 
-def params_from_tensors(*args, **kwargs) -> dict:
-  """The whole parameter tree from `iter_params(*args, **kwargs)`."""
+def collect(leaves: Iterable[tuple[str, str, Any]]) -> dict:
+  """The parameter tree {module: {name: leaf}} of (module, name, leaf) triples."""
   params: dict[str, dict] = {}
-  for module, name, leaf in iter_params(*args, **kwargs):
+  for module, name, leaf in leaves:
     params.setdefault(module, {})[name] = leaf
   return params
+
+
+def params_from_tensors(*args, **kwargs) -> dict:
+  """The whole parameter tree from `iter_params(*args, **kwargs)`."""
+  return collect(iter_params(*args, **kwargs))
 
 
 def params_from_hf(tensors: Mapping[str, np.ndarray], config: LlamaConfig, dtype: str | None = None) -> dict:

@@ -62,6 +62,13 @@ class Tokenizer:
     files = {name: (path / name).read_bytes() for name in TOKENIZER_FILES if (path / name).is_file()}
     return cls(files, source=str(path))
 
+  @classmethod
+  def in_dir(cls, path: str | os.PathLike) -> "Tokenizer | None":
+    """The tokenizer whose files are in `path` (a checkpoint directory), or None when it has none."""
+    path = pathlib.Path(path)
+    has_vocabulary = (path / "tokenizer.model").is_file() or (path / "tokenizer.json").is_file()
+    return cls.from_dir(path) if has_vocabulary else None
+
   def save(self, path: str | os.PathLike) -> None:
     for name, data in self.files.items():
       pathlib.Path(path, name).write_bytes(data)

@@ -1,0 +1,113 @@
+"""GGUF files (llama.cpp): the config from the metadata, tensors dequantized to float32, and the tokenizer the
+metadata describes (rebuilt by tokenizers.from_gguf).
+
+Tensors keep llama.cpp's layout: HF's, except the Q and K rows that `params.iter_params` unpermutes (naming "gguf").
+A file is parsed once for its config, tokenizer and tensors (the last one opened stays memory-mapped).
+"""
+
+import functools
+import pathlib
+from typing import Any, Callable, Iterator, NamedTuple
+
+import numpy as np
+
+from llama_hk import params
+from llama_hk.checkpoints.leaves import Placement
+from llama_hk.config import LlamaConfig
+from llama_hk.errors import UserError, first_line
+from llama_hk.tokenizers import from_gguf
+from llama_hk.tokenizers.tokenizer import Tokenizer
+
+MAGIC = b"GGUF"
+
+
+class _Parsed(NamedTuple):
+  reader: Any  # gguf.GGUFReader, memory-mapping the file.
+  metadata: dict[str, Any]  # Every key-value field's contents.
+
+
+class GgufFile:
+  """A .gguf file; its parameters load as float32 unless asked otherwise."""
+  name = "gguf"
+
+  def detect(self, path: pathlib.Path) -> bool:
+    if not path.is_file():
+      return False
+    with open(path, "rb") as f:
+      return f.read(4) == MAGIC
+
+  def config(self, path: pathlib.Path) -> LlamaConfig:
+    reader, meta = _parse(path)
+    source = str(path)
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+      raise UserError(f"{source}: GGUF architecture is {arch!r}, only 'llama' is supported")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+      raise UserError(f"{source}: per-frequency RoPE factors (rope_freqs.weight) are not supported")
+    try:
+      d_model = int(meta["llama.embedding_length"])
+      num_heads = int(meta["llama.attention.head_count"])
+      vocab = meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"])
+      scaling = meta.get("llama.rope.scaling.type", "none")
+      return LlamaConfig(
+          vocab_size=int(vocab),
+          d_model=d_model,
+          num_layers=int(meta["llama.block_count"]),
+          num_heads=num_heads,
+          num_kv_heads=int(meta.get("llama.attention.head_count_kv", num_heads)),
+          head_dim=int(meta.get("llama.attention.key_length", d_model // num_heads)),
+          d_ff=int(meta["llama.feed_forward_length"]),
+          norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+          rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+          rope_scaling="none" if scaling in ("none", None) else scaling,
+          rope_scaling_factor=float(meta.get("llama.rope.scaling.factor", 1.0)),
+          tie_embeddings="output.weight" not in names,
+          max_seq_len=int(meta.get("llama.context_length", 2048)),
+          param_dtype="float32",
+      )
+    except KeyError as e:
+      raise UserError(f"{source}: GGUF metadata lacks {e}") from None
+
+  def tokenizer(self, path: pathlib.Path) -> Tokenizer:
+    return from_gguf.tokenizer_from_gguf(_parse(path).metadata, str(path))
+
+  def tensors(self, path: pathlib.Path) -> Callable[[str], np.ndarray]:
+    """GGUF name -> array: F32/F16 as stored, quantized types dequantized (to float32)."""
+    import gguf
+    tensors = {t.name: t for t in _parse(path).reader.tensors}
+
+    def get(name: str) -> np.ndarray:
+      t = tensors[name]
+      try:
+        if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+          return np.asarray(t.data).reshape(tuple(int(n) for n in reversed(t.shape)))
+        if t.tensor_type.name.startswith("I"):
+          raise NotImplementedError
+        return gguf.quants.dequantize(t.data, t.tensor_type)
+      except NotImplementedError:
+        raise UserError(f"{path}: tensor {name} has unsupported GGUF type {t.tensor_type.name}") from None
+
+    return get
+
+  def leaves(self, path: pathlib.Path, config: LlamaConfig, dtype: str | None,
+             placement: Placement) -> Iterator[tuple[str, str, object]]:
+    return params.iter_params(self.tensors(path), config, "gguf", dtype, str(path), placement.leaf)
+
+
+def _parse(path: pathlib.Path) -> _Parsed:
+  stat = path.stat()
+  return _parse_file(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _parse_file(path: str, mtime_ns: int, size: int) -> _Parsed:
+  """One parse shared by the config, tokenizer and tensors (parsing a real vocabulary is slow), keyed by the file's
+  mtime and size so that a rewritten file is parsed again."""
+  del mtime_ns, size
+  import gguf
+  try:
+    reader = gguf.GGUFReader(path)
+  except Exception as e:  # The reader raises ValueError/struct errors/IndexError on corrupt files.
+    raise UserError(f"{path}: unreadable GGUF file ({type(e).__name__}: {first_line(e)})") from None
+  return _Parsed(reader, {name: field.contents() for name, field in reader.fields.items()})

@@ -1,0 +1,22 @@
+"""The flags every binary shares, defined when a binary imports llama_hk.cli (the library never does)."""
+
+import os
+
+from absl import flags
+
+# Tests point every subprocess at one per-run cache through this variable.
+COMPILATION_CACHE_ENV = "LLAMA_HK_COMPILATION_CACHE_DIR"
+
+flags.DEFINE_multi_string("gin_file", [], "gin files, applied in order: relative to the working directory, else to "
+                          "the installed llama_hk (so `gin/tiny.gin` works anywhere).")
+flags.DEFINE_multi_string("gin_bindings", [], "gin bindings applied after the files; `--gin.X=Y` is shorthand.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for jax.distributed (multi-host runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+flags.DEFINE_string("compilation_cache_dir",
+                    os.environ.get(COMPILATION_CACHE_ENV,
+                                   os.path.join(os.path.expanduser("~"), ".cache", "llama_hk", "jax")),
+                    f"JAX persistent compilation cache; empty to disable. Default: ${COMPILATION_CACHE_ENV}, else "
+                    "~/.cache/llama_hk/jax.")
+
+FLAGS = flags.FLAGS

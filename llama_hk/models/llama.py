@@ -1,0 +1,173 @@
+"""The LLaMA decoder in Haiku: RMSNorm, grouped-query attention with RoPE, a SwiGLU MLP, pre-norm blocks.
+
+Shape glossary:
+  B batch, T query time, S key time (the cache length, or T without a cache), D d_model,
+  N query heads, G key-value heads, H query heads per key-value head (N // G), K head dim,
+  F d_ff, V vocab, L layers.
+
+Parameter tree (every leaf under `decoder` has a leading L axis; the layers run in a `scan`, so compile time
+does not grow with depth):
+  embedding/embeddings                                    (V, D)
+  decoder/input_norm/scale                                (L, D)
+  decoder/attention/{q_proj, k_proj, v_proj, out_proj}    (L, D, N, K), (L, D, G, K), (L, D, G, K), (L, N, K, D)
+  decoder/post_attn_norm/scale                            (L, D)
+  decoder/mlp/{gate_proj, up_proj, down_proj}             (L, D, F), (L, D, F), (L, F, D)
+  norm/scale                                              (D,)
+  lm_head/w                                               (D, V), absent with tied embeddings
+These are the stored layout's shapes; `make_forward(config, layout=...)` reads the matrix weights in another
+layout (`ops.dense.WeightLayout`) under the same names.
+
+Every product of weights and activations goes through `ops.dense.dense`, every attention through
+`ops.attention.attend` (`config.attention_impl` without a cache, the cached kernels with one).
+
+Numerics: parameters are stored in `param_dtype` and cast to `compute_dtype` where used; RMSNorm statistics,
+attention logits and softmax, and the output logits are float32 whatever the compute dtype.
+"""
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from llama_hk import platform, sharding
+from llama_hk.config import LlamaConfig
+from llama_hk.models import kv_cache, rope
+from llama_hk.ops import attention, dense
+
+_INIT = hk.initializers.TruncatedNormal(0.02)  # Hugging Face's `initializer_range` for LLaMA.
+_REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class _Module(hk.Module):
+  """A module of this model: its config, the layout of its weights, and `dense` bound to both."""
+
+  def __init__(self, config: LlamaConfig, layout: dense.WeightLayout = dense.WeightLayout(), name: str | None = None):
+    super().__init__(name=name)
+    self.config, self.layout = config, layout
+
+  @hk.transparent  # Its weight belongs to the scope it is called in (the module, or `lm_head` in Llama).
+  def dense(self, x: jax.Array, spec: str, name: str, **kwargs) -> jax.Array:
+    c = self.config
+    sizes = {"V": c.vocab_size, "D": c.d_model, "N": c.num_heads, "G": c.num_kv_heads, "K": c.head_dim, "F": c.d_ff}
+    return dense.dense(x, spec, name, sizes=sizes, dtype=c.compute_dtype, param_dtype=c.param_dtype, init=_INIT,
+                       layout=self.layout, **kwargs)
+
+
+class RMSNorm(_Module):
+  """x / rms(x) * scale, the statistics in float32."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = hk.get_parameter("scale", [x.shape[-1]], self.config.param_dtype, init=jnp.ones)  # (D,)
+    x32 = x.astype(jnp.float32)  # (B, T, D)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.norm_eps)  # (B, T, D)
+    return (scale.astype(jnp.float32) * normed.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
+
+
+class Attention(_Module):
+  """Grouped-query attention: G key-value heads shared by H = N / G query heads each (MHA: G = N; MQA: G = 1)."""
+
+  def __call__(self, x, positions, mask, cache: kv_cache.LayerCache | None = None, cache_end=None):
+    """x (B, T, D), positions (B, T), mask (B, T, S); with a cache, each row's cache_end (B,).
+
+    Returns (B, T, D) and the cache for the next layer (or None).
+    """
+    c = self.config
+    q = self.dense(x, "BTD,DNK->BTNK", "q_proj")  # (B, T, N, K)
+    key = self.dense(x, "BTD,DGK->BTGK", "k_proj")  # (B, T, G, K)
+    value = self.dense(x, "BTD,DGK->BTGK", "v_proj")  # (B, T, G, K)
+    inv_freq = rope.rope_frequencies(c)
+    q = rope.apply_rope(q, positions, inv_freq)  # (B, T, N, K)
+    key = rope.apply_rope(key, positions, inv_freq)  # (B, T, G, K)
+    b, t = x.shape[:2]
+    q = q.reshape(b, t, c.num_kv_heads, c.heads_per_kv_head, c.head_dim)  # (B, T, G, H, K)
+    if cache is None:
+      out = attention.attend(q, key, value, mask, c.attention_impl)  # (B, T, G, H, K)
+    else:
+      cache, key, value = cache.write(key, value, cache_end)  # (B, G, S, K) x 2: this layer's cache
+      out = attention.attend(q, key, value, mask, "cached")  # (B, T, G, H, K)
+    out = out.reshape(b, t, c.num_heads, c.head_dim)  # (B, T, N, K)
+    return self.dense(out, "BTNK,NKD->BTD", "out_proj"), cache
+
+
+class MLP(_Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    gate = self.dense(x, "BTD,DF->BTF", "gate_proj")  # (B, T, F)
+    up = self.dense(x, "BTD,DF->BTF", "up_proj")  # (B, T, F)
+    hidden = sharding.constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))  # (B, T, F)
+    return self.dense(hidden, "BTF,FD->BTD", "down_proj")  # (B, T, D)
+
+
+class DecoderBlock(_Module):
+  """Pre-norm residual block: attention then MLP. Transparent, so its parameters sit under `decoder/`."""
+
+  @hk.transparent
+  def __call__(self, x, positions, mask, cache: kv_cache.LayerCache | None = None, cache_end=None):
+    c, layout = self.config, self.layout
+    attn_out, cache = Attention(c, layout, name="attention")(
+        RMSNorm(c, name="input_norm")(x), positions, mask, cache, cache_end)
+    x = x + attn_out  # (B, T, D)
+    x = x + MLP(c, layout, name="mlp")(RMSNorm(c, name="post_attn_norm")(x))  # (B, T, D)
+    return sharding.constrain(x, ("act_batch", "act_length", "act_embed")), cache
+
+
+class Llama(_Module):
+  """Tokens to float32 logits, optionally reading and extending a KV cache."""
+
+  @hk.transparent
+  def __call__(self, tokens, positions=None, segment_ids=None, cache: kv_cache.KVCache | None = None,
+               logits_at=None):
+    """tokens, positions, segment_ids: (B, T) int32. Returns logits (B, T, V) and the extended cache (or None).
+
+    segment_ids: packed documents carry 1, 2, ...; padding carries 0. With a cache, the row's padding must
+    come last: its cache end advances by the row's non-padding tokens only.
+    logits_at: (B,) int32, or None: return only the logits (B, 1, V) at this time index of each row (a prefill
+    needs just its last prompt position's, and the full (B, T, V) would cost T times the head's work).
+    """
+    c = self.config
+    b, t = tokens.shape
+    cache_end = None if cache is None else cache.end_index  # (B,)
+    if positions is None:
+      base = jnp.zeros((b,), jnp.int32) if cache is None else cache_end
+      positions = base[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # (B, T)
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, t), jnp.int32)  # (B, T)
+    with hk.name_scope("embedding"):
+      embeddings = hk.get_parameter("embeddings", [c.vocab_size, c.d_model], c.param_dtype, init=_INIT)  # (V, D)
+    x = jnp.take(embeddings, tokens, axis=0).astype(c.compute_dtype)  # (B, T, D)
+    x = sharding.constrain(x, ("act_batch", "act_length", "act_embed"))
+    mask = attention.attention_mask(segment_ids, cache_end, None if cache is None else cache.k.shape[3])
+
+    def block(x, layer_cache):
+      return DecoderBlock(c, self.layout)(x, positions, mask, layer_cache, cache_end)
+
+    policy = _REMAT_POLICIES[c.remat_policy]
+    if policy is not None and cache is None:  # Training's trade of compute for memory; a cached pass decodes.
+      block = hk.remat(block, policy=policy)
+    layers = None if cache is None else kv_cache.LayerCache(cache.k, cache.v, jnp.int32(0))
+    x, layers = hk.layer_stack(c.num_layers, name="decoder")(block)(x, layers)  # (B, T, D)
+    if cache is not None:
+      cache = kv_cache.KVCache(layers.k, layers.v, cache_end + jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32))
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # (B, 1, D)
+    x = RMSNorm(c, name="norm")(x)  # (B, T, D)
+    if c.tie_embeddings:
+      logits = self.dense(x, "BTD,VD->BTV", "embeddings", weight=embeddings,
+                          preferred_element_type=jnp.float32)  # (B, T, V)
+    else:
+      with hk.name_scope("lm_head"):
+        logits = self.dense(x, "BTD,DV->BTV", "w", preferred_element_type=jnp.float32)  # (B, T, V)
+    return logits, cache
+
+
+def make_forward(config: LlamaConfig, *, layout: dense.WeightLayout = dense.WeightLayout()) -> hk.Transformed:
+  """The transformed model: `init(rng, tokens)` and
+  `apply(params, tokens, positions=None, segment_ids=None, cache=None, logits_at=None) -> (logits, cache)`,
+  its matrix weights read in `layout` (params made by `ops.dense.to_layout(params, layout)`)."""
+  platform.check_attention_impl(config.attention_impl)
+  return hk.without_apply_rng(hk.transform(lambda *args, **kwargs: Llama(config, layout)(*args, **kwargs)))
+

@@ -1,0 +1,41 @@
+"""Rotary position embeddings (RoPE) in Hugging Face's rotate-half layout, with linear or llama3 scaling.
+
+Frequency i rotates the pair (i, i + K/2) of a head, not the adjacent pair (2i, 2i + 1) of Meta's original code.
+llama.cpp's GGUF files store Q and K rows permuted to the adjacent layout; the GGUF import undoes that.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_hk.config import LlamaConfig
+
+
+def rope_frequencies(config: LlamaConfig) -> np.ndarray:
+  """Inverse frequencies (K/2,), computed in float32 as transformers does, with linear or llama3 scaling."""
+  k = config.head_dim
+  inv_freq = (1.0 / (np.float32(config.rope_theta) ** (np.arange(0, k, 2, dtype=np.float32) / np.float32(k))))
+  inv_freq = inv_freq.astype(np.float32)  # (K/2,)
+  if config.rope_scaling == "linear":
+    inv_freq = inv_freq / np.float32(config.rope_scaling_factor)
+  elif config.rope_scaling == "llama3":
+    factor = np.float32(config.rope_scaling_factor)
+    low, high = np.float32(config.rope_low_freq_factor), np.float32(config.rope_high_freq_factor)
+    old_len = np.float32(config.rope_original_max_len)
+    wavelen = np.float32(2 * np.pi) / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    inv_freq = np.where(is_medium, smoothed, scaled).astype(np.float32)
+  return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotates x (B, T, heads, K) by its positions (B, T) in the rotate-half layout."""
+  angles = positions.astype(jnp.float32)[:, :, None] * inv_freq  # (B, T, K/2)
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # (B, T, 1, K)
+  cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)  # (B, T, 1, K)
+  x1, x2 = jnp.split(x, 2, axis=-1)  # (B, T, heads, K/2) each
+  rotated = jnp.concatenate([-x2, x1], axis=-1)  # (B, T, heads, K)
+  return x * cos + rotated * sin  # (B, T, heads, K)

@@ -1,0 +1,128 @@
+"""Attention behind one entry point, `attend`, whose implementation is a static name: the plain reference and the
+faster kernels, each tested against it (tests/test_ops.py).
+
+Shapes: q (B, T, G, H, K): T queries in G key-value groups of H heads; mask (B, T, S) booleans, True where a
+query sees a key. Keys and values are (B, S, G, K) as projected, except for "cached", which reads a layer of the
+KV cache where they lie, heads first: (B, G, S, K). Every implementation returns (B, T, G, H, K), computes the
+logits and the softmax in float32, and scales the logits by 1 / sqrt(K).
+
+Implementations (IMPLS):
+  reference     softmax(q k^T / sqrt(K), masked) v, as written.
+  split_causal  training and evaluation without a cache: the causal halves apart, the softmax normalized last.
+  cached        prefill and decode steps over a KV cache, operand orders chosen for the cache's layout.
+  jax           jax.nn.dot_product_attention's XLA implementation (the "cudnn" call on any backend).
+  cudnn         jax.nn.dot_product_attention's cuDNN kernel (GPU only: `platform.check_attention_impl`).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# The split-causal kernel halves sequences at least this long (and even); shorter ones attend in one block,
+# where the halves would save too little to pay for the extra products.
+SPLIT_MIN_LENGTH = 128
+
+
+def attention_mask(segment_ids: jax.Array, cache_end: jax.Array | None = None,
+                   cache_len: int | None = None) -> jax.Array:
+  """Which keys each query sees: (B, T, S) booleans, from segment_ids (B, T).
+
+  Without a cache: causal within a segment (packed documents and padding, segment 0, never mix).
+  With a cache (cache_end (B,), cache_len S): slots up to the query's own slot, since a cached row is one
+  contiguous sequence.
+  """
+  t = segment_ids.shape[1]
+  if cache_end is None:
+    causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # (T, S)
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, S)
+    return causal[None] & same_segment
+  query_slots = cache_end[:, None] + jnp.arange(t)[None, :]  # (B, T)
+  return jnp.arange(cache_len)[None, None, :] <= query_slots[:, :, None]  # (B, T, S)
+
+
+def _reference(q, key, value, mask):
+  """The definition: q (B, T, G, H, K), key and value (B, S, G, K)."""
+  logits = jnp.einsum("BTGHK,BSGK->BGHTS", q, key, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)  # (B, G, H, T, S)
+  probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)  # (B, G, H, T, S)
+  return jnp.einsum("BGHTS,BSGK->BTGHK", probs, value)  # (B, T, G, H, K)
+
+
+def _split_causal(q, key, value, mask):
+  """Self-attention of a causal mask (B, T, T): q (B, T, G, H, K), key and value (B, T, G, K).
+
+  The queries of the sequence's first half see only its first half of keys, so the halves are computed apart and
+  the masked quarter of the T x T logits never is.
+  """
+  t = q.shape[1]
+  if t % 2 or t < SPLIT_MIN_LENGTH:
+    return _attend_unnormalized(q, key, value, mask)
+  half = t // 2
+  first = _attend_unnormalized(q[:, :half], key[:, :half], value[:, :half], mask[:, :half, :half])
+  second = _attend_unnormalized(q[:, half:], key, value, mask[:, half:])
+  return jnp.concatenate([first, second], axis=1)  # (B, T, G, H, K)
+
+
+def _attend_unnormalized(q, key, value, mask):
+  """q (B, T, G, H, K), key and value (B, S, G, K), mask (B, T, S): (B, T, G, H, K).
+
+  The softmax's division moves after the product with the values, to (T, K) numbers instead of (T, S).
+  """
+  k = q.shape[-1]
+  q = q.transpose(0, 2, 3, 1, 4)  # (B, G, H, T, K)
+  key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)  # (B, G, S, K) x 2
+  logits = jnp.einsum("BGHTK,BGSK->BGHTS", q, key, preferred_element_type=jnp.float32) * (k ** -0.5)
+  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)  # (B, G, H, T, S)
+  # Shifting by the row maximum changes no value or gradient, so the shift needs none of its own.
+  weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))  # (B, G, H, T, S)
+  out = jnp.einsum("BGHTS,BGSK->BGHTK", weights.astype(value.dtype), value)  # (B, G, H, T, K)
+  out = out / jnp.sum(weights, axis=-1, keepdims=True)  # (B, G, H, T, K)
+  return out.astype(value.dtype).transpose(0, 3, 1, 2, 4)  # (B, T, G, H, K)
+
+
+def _cached(q, key, value, mask):
+  """q (B, T, G, H, K) against a layer's cache: key and value (B, G, S, K), mask (B, T, S).
+
+  The operand orders follow the cache's heads-first layout. A prefill (T > 1) puts q first, so that the logits
+  come out (B, G, H, T, S), the order the mask and softmax run in; jnp.einsum's order (keys first) would have XLA
+  transpose all T x S logits. A decode step (T = 1) keeps the keys first, read as they lie: with q first, XLA
+  would transpose each layer's cached keys instead. Both take the probabilities first in the product with the
+  values, so that it comes out (B, G, H, T, K), which in a decode step is (B, T, N, K) already; jnp.einsum puts
+  the values first, which transposes each layer's cached values, and then the out-projection reads its input
+  permuted.
+  """
+  t, k = q.shape[1], q.shape[-1]
+  if t > 1:
+    logits = jax.lax.dot_general(q.transpose(0, 2, 3, 1, 4), key, (((4,), (3,)), ((0, 1), (0, 1))),
+                                 preferred_element_type=jnp.float32)  # (B, G, H, T, S)
+  else:
+    logits = jnp.einsum("BTGHK,BGSK->BGHTS", q, key, preferred_element_type=jnp.float32)  # (B, G, H, 1, S)
+  logits = logits * (k ** -0.5)
+  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)  # (B, G, H, T, S)
+  probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)  # (B, G, H, T, S)
+  out = jax.lax.dot_general(probs, value, (((4,), (2,)), ((0, 1), (0, 1))))  # (B, G, H, T, K)
+  return out.transpose(0, 3, 1, 2, 4)  # (B, T, G, H, K)
+
+
+def _dot_product_attention(q, key, value, mask, implementation: str):
+  """jax.nn.dot_product_attention over (B, T, N, K) queries: its GQA groups query heads as ours do."""
+  b, t, g, h, k = q.shape
+  out = jax.nn.dot_product_attention(q.reshape(b, t, g * h, k), key, value, mask=mask[:, None],
+                                     implementation=implementation)  # (B, T, N, K)
+  return out.reshape(b, t, g, h, k)  # (B, T, G, H, K)
+
+
+IMPLS = {
+    "reference": _reference,
+    "split_causal": _split_causal,
+    "cached": _cached,
+    "jax": functools.partial(_dot_product_attention, implementation="xla"),
+    "cudnn": functools.partial(_dot_product_attention, implementation="cudnn"),
+}
+
+
+def attend(q: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, impl: str = "reference") -> jax.Array:
+  """Attention of q (B, T, G, H, K) over key and value under mask (B, T, S) by the implementation `impl` (see
+  the module docstring for the layouts): (B, T, G, H, K)."""
+  return IMPLS[impl](q, key, value, mask)

@@ -1,0 +1,106 @@
+"""The matmul seam: the one place where weights meet activations, in a weight layout the caller states.
+
+LoRA adapters, int8 weights and other storage layouts hook in here; the model's call sites stay einsums in the
+shape glossary's letters.
+"""
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from llama_hk import params as param_table
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightLayout:
+  """How a parameter tree stores its matrix weights: a static, hashable argument of `make_forward`.
+
+  The default is the stored layout: each weight has the parameter table's shape, input axes first (q_proj is
+  (D, N, K)). With `out_in`, each is one flat (out, in) matrix instead, a (L, out, in) stack in the decoder, under
+  the same leaf name (`to_layout` makes it). That layout is for matrix-vector products on XLA:CPU: there a weight
+  contracted over its minor axes compiles to a loop that streams it straight out of the stacked (L, ...) array,
+  the layer scan's slice fused in, where the stored layout calls the matrix library on a copy of the slice (every
+  weight read, written and read again per token). Flat, because a contracted axis split in two would cost that
+  loop an integer division per element. `out_in` weights are taken as the (in, out) transpose, which XLA streams,
+  except those named in `library_matvec`, contracted as they lie: XLA then copies the layer's slice out and calls
+  the library's matrix-vector routine (`platform.decode_plan` says where that wins).
+  """
+  out_in: bool = False
+  library_matvec: frozenset[str] = frozenset()  # Leaf names of `out_in` weights taken as they lie.
+
+
+def to_layout(params: Mapping, layout: WeightLayout) -> Mapping:
+  """The stored-layout `params` in `layout`: matrix weights (the table's `is_matmul` rows) rearranged, their
+  `n_in` leading axes flattened last as (out, in); every other leaf shared, every name unchanged."""
+  if not layout.out_in:
+    return params
+
+  def arrange(row: param_table.Param, leaf):
+    if not row.is_matmul:
+      return leaf
+    lead = 1 if row.stacked else 0  # The layer axis stays first.
+    n_in = math.prod(leaf.shape[lead:lead + row.n_in])
+    return jnp.swapaxes(leaf.reshape(*leaf.shape[:lead], n_in, -1), -1, -2)  # ([L,] out, in)
+
+  return param_table.map_params(arrange, params)
+
+
+def dense(x: jax.Array, spec: str, name: str, *, sizes: Mapping[str, int], dtype, param_dtype,
+          init: hk.initializers.Initializer | None = None, layout: WeightLayout = WeightLayout(),
+          weight: jax.Array | None = None, **einsum_kwargs) -> jax.Array:
+  """x times the weight `name` as the einsum `spec` says, e.g. "BTD,DNK->BTNK".
+
+  The weight is a parameter of the current Haiku module (made here, in `layout`) unless given. `spec` names its
+  axes as the parameter table does, the input axes (those x shares) first; a given weight may have them last,
+  (out, in), as the tied head's embedding table "VD". Whatever the letters, the product is one 2-D matrix product
+  over the flattened axes ("MI,IO->MO"): contracting several axes, XLA may match the activations' layout by
+  transposing the weight (a copy of it per call), and with (B, T) kept as two row axes, XLA:CPU lays out the
+  backward pass's products with transposing copies.
+
+  Args:
+    x: activations (..., *input axes): x's trailing axes are contracted, its leading ones lead the output.
+    spec: "{x axes},{weight axes}->{output axes}" in glossary letters.
+    name: the weight's parameter name (and its key in `layout.library_matvec`).
+    sizes: glossary letter -> size, for the weight's output axes.
+    dtype: the compute dtype the weight is cast to.
+    param_dtype: the dtype a new weight is stored in.
+    init: a new weight's initializer.
+    layout: how the weight is stored.
+    weight: an existing 2-D weight to use instead of the parameter `name`.
+    **einsum_kwargs: for jnp.einsum, e.g. preferred_element_type.
+  """
+  operands, out_axes = spec.split("->")
+  x_axes, w_axes = operands.split(",")
+  in_axes = "".join(a for a in w_axes if a in x_axes)
+  w_out_axes = "".join(a for a in w_axes if a not in x_axes)
+  lead = x.shape[:x.ndim - len(in_axes)]
+  if (not x_axes.endswith(in_axes) or out_axes != x_axes[:len(lead)] + w_out_axes
+      or w_axes not in (in_axes + w_out_axes, w_out_axes + in_axes)):
+    raise ValueError(f"dense {name}: {spec!r} is not a product over x's trailing axes")
+  in_shape = x.shape[len(lead):]
+  n_in = math.prod(in_shape)
+  x = x.reshape(math.prod(lead), n_in)  # (M, in)
+  if weight is not None:
+    out_in = w_axes != in_axes + w_out_axes
+    w = weight.astype(dtype)  # (out, in) or (in, out), as given
+    out_shape = weight.shape[:1] if out_in else weight.shape[1:]
+  else:
+    out_in = layout.out_in
+    out_shape = tuple(sizes[a] for a in w_out_axes)
+    n_out = math.prod(out_shape)
+    if out_in:
+      w = hk.get_parameter(name, [n_out, n_in], param_dtype, init=init).astype(dtype)  # (out, in)
+    else:
+      w = hk.get_parameter(name, [*in_shape, *out_shape], param_dtype, init=init).astype(dtype)
+      w = w.reshape(n_in, n_out)  # (in, out)
+  if not out_in:
+    y = jnp.einsum("MI,IO->MO", x, w, **einsum_kwargs)  # (M, out)
+  elif name in layout.library_matvec:
+    y = jnp.einsum("MI,OI->MO", x, w, **einsum_kwargs)  # (M, out)
+  else:
+    y = jnp.einsum("MI,IO->MO", x, w.T, **einsum_kwargs)  # (M, out)
+  return y.reshape(*lead, *out_shape)

@@ -1,0 +1,190 @@
+"""The ops seams and the platform policy: every attention implementation and weight layout against the reference.
+
+Attention: values and gradients of each implementation equal the reference's, with grouped-query heads, packed
+segments that cross the split-causal kernel's halves, padding, and a KV cache's mask. Dense: the seam computes the
+einsum its spec names, and parameters moved to another WeightLayout give the stored layout's logits.
+"""
+
+import types
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_hk import config as config_lib
+from llama_hk import params as param_table
+from llama_hk import platform
+from llama_hk.config import LlamaConfig
+from llama_hk.errors import UserError
+from llama_hk.models import kv_cache, llama
+from llama_hk.ops import attention, dense
+
+B, G, H, K = 2, 2, 3, 16
+
+
+def _qkv(rng, t, s, heads_first=False):
+  q = rng.standard_normal((B, t, G, H, K)).astype(np.float32) * 2
+  kv_shape = (B, G, s, K) if heads_first else (B, s, G, K)
+  return q, *(rng.standard_normal(kv_shape).astype(np.float32) * 2 for _ in range(2))
+
+
+def _assert_same_values_and_grads(ours, reference, args, values_atol=1e-5, grads_atol=1e-4):
+  """ours(*args) equals reference(*args), and so do the gradients of a random projection of the outputs."""
+  out = jax.jit(ours)(*args)
+  np.testing.assert_allclose(out, jax.jit(reference)(*args), atol=values_atol, rtol=0)
+  cotangent = np.random.default_rng(0).standard_normal(out.shape).astype(np.float32)
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * cotangent), argnums=(0, 1, 2)))(*args)
+  expected = jax.jit(jax.grad(lambda *a: jnp.sum(reference(*a) * cotangent), argnums=(0, 1, 2)))(*args)
+  for ours_grad, reference_grad in zip(grads, expected):
+    np.testing.assert_allclose(ours_grad, reference_grad, atol=grads_atol, rtol=0)
+
+
+def _packed_segments(t):
+  segments = np.ones((B, t), np.int32)
+  segments[0, 40:] = 2  # The second document starts in the first half and runs into the second.
+  segments[1, t - 20:] = 0  # Padding.
+  return segments
+
+
+def test_reference_is_masked_softmax_attention():
+  rng = np.random.default_rng(10)
+  q, key, value = _qkv(rng, 9, 9)
+  mask = attention.attention_mask(_packed_segments(9))
+  logits = np.einsum("btghk,bsgk->bghts", q, key) / np.sqrt(K)
+  logits = np.where(np.asarray(mask)[:, None, None], logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  expected = np.einsum("bghts,bsgk->btghk", probs / probs.sum(-1, keepdims=True), value)
+  np.testing.assert_allclose(attention.attend(q, key, value, mask, "reference"), expected, atol=1e-5, rtol=0)
+
+
+# The causal halves computed apart from SPLIT_MIN_LENGTH (128) on, for even T (the packed segments cross the
+# split); 129 (odd): one block.
+@pytest.mark.parametrize("t", [128, *(pytest.param(t, marks=pytest.mark.slow) for t in (130, 129))])
+def test_split_causal_equals_reference(t):
+  q, key, value = _qkv(np.random.default_rng(11), t, t)
+  mask = attention.attention_mask(_packed_segments(t))
+  _assert_same_values_and_grads(lambda *a: attention.attend(*a, mask, "split_causal"),
+                                lambda *a: attention.attend(*a, mask, "reference"), (q, key, value))
+
+
+@pytest.mark.slow
+def test_jax_dot_product_attention_equals_reference():
+  """The "cudnn" implementation's call, run by XLA (the one any backend has)."""
+  q, key, value = _qkv(np.random.default_rng(12), 130, 130)
+  mask = attention.attention_mask(_packed_segments(130))
+  _assert_same_values_and_grads(lambda *a: attention.attend(*a, mask, "jax"),
+                                lambda *a: attention.attend(*a, mask, "reference"), (q, key, value))
+
+
+@pytest.mark.parametrize("t", [7, 1], ids=["prefill", "decode"])
+def test_cached_attention_equals_reference(t):
+  """Queries at each row's cache end (rows at different ends) over a cache of 24 slots, heads first."""
+  s = 24
+  q, key, value = _qkv(np.random.default_rng(13), t, s, heads_first=True)
+  cache_end = np.array([0, 11], np.int32)
+  mask = attention.attention_mask(np.ones((B, t), np.int32), cache_end, s)
+  assert not np.asarray(mask)[1, 0, 12:].any() and np.asarray(mask)[1, 0, :12].all()
+  seq_first = lambda x: jnp.swapaxes(x, 1, 2)  # (B, G, S, K) -> (B, S, G, K)
+  _assert_same_values_and_grads(lambda *a: attention.attend(*a, mask, "cached"),
+                                lambda q, k, v: attention.attend(q, seq_first(k), seq_first(v), mask, "reference"),
+                                (q, key, value))
+
+
+def test_every_config_choice_is_an_implementation():
+  assert set(config_lib.ATTENTION_IMPLS) <= set(attention.IMPLS)
+  with pytest.raises(UserError, match="attention_impl='flash' is not one of"):
+    _config(attention_impl="flash")
+
+
+def test_cudnn_on_cpu_is_a_one_line_error():
+  with pytest.raises(UserError, match=r"^LlamaConfig.attention_impl='cudnn' needs a GPU, and this backend is cpu"):
+    llama.make_forward(_config(attention_impl="cudnn"))
+  platform.check_attention_impl("split_causal")
+
+
+def test_dense_computes_its_einsum():
+  """The seam's 2-D product is the einsum of its spec: a multi-axis contraction, and a given (out, in) weight."""
+  rng = np.random.default_rng(14)
+  x = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)  # (B, T, N, K)
+  table = rng.standard_normal((7, 4 * 5)).astype(np.float32)  # (V, D) with D = N * K
+
+  def f(x):
+    out = dense.dense(x, "BTNK,NKD->BTD", "w", sizes={"D": 6}, dtype="float32", param_dtype="float32",
+                      init=hk.initializers.RandomNormal())
+    head = dense.dense(x.reshape(2, 3, 20), "BTD,VD->BTV", "table", sizes={}, dtype="float32",
+                       param_dtype="float32", weight=table)
+    return out, head
+
+  transformed = hk.without_apply_rng(hk.transform(f))
+  params = transformed.init(jax.random.key(0), x)
+  out, head = transformed.apply(params, x)
+  np.testing.assert_allclose(out, np.einsum("btnk,nkd->btd", x, params["~"]["w"]), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(head, np.einsum("btd,vd->btv", x.reshape(2, 3, 20), table), atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="not a product over x's trailing axes"):
+    hk.transform(lambda x: dense.dense(x, "BTNK,KND->BTD", "w", sizes={"D": 6}, dtype="float32",
+                                       param_dtype="float32")).init(jax.random.key(0), x)
+
+
+def _config(**overrides) -> LlamaConfig:
+  fields = dict(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48)
+  return LlamaConfig(**{**fields, **overrides})
+
+
+LAYOUTS = {"out_in": dense.WeightLayout(out_in=True), "cpu_matvec": platform.CPU_MATVEC_LAYOUT}
+
+
+def _random_params(config: LlamaConfig, seed: int) -> dict:
+  """Random parameters in the model's tree (its own init compiles slowly)."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(llama.make_forward(config).init, jax.random.key(0), np.zeros((1, 2), np.int32))
+  return param_table.map_params(lambda row, leaf: (rng.standard_normal(leaf.shape) * 0.2).astype(np.float32), shapes)
+
+
+def test_to_layout_keeps_names_and_flattens_matrices_out_in():
+  params = _random_params(_config(), seed=1)
+  moved = dense.to_layout(params, platform.CPU_MATVEC_LAYOUT)
+  assert jax.tree.structure(moved) == jax.tree.structure(params)  # The same leaf names.
+  for module, name, shape in [("decoder/attention", "q_proj", (2, 4 * 8, 32)), ("decoder/attention", "out_proj",
+                                                                                 (2, 32, 4 * 8)),
+                              ("lm_head", "w", (61, 32)), ("embedding", "embeddings", (61, 32))]:
+    assert moved[module][name].shape == shape, (module, name)  # ([L,] out, in); the embedding table as it was.
+  np.testing.assert_array_equal(moved["decoder/attention"]["out_proj"][1],
+                                params["decoder/attention"]["out_proj"][1].reshape(32, 32).T)
+  assert moved["decoder/input_norm"]["scale"] is params["decoder/input_norm"]["scale"]
+  assert dense.to_layout(params, dense.WeightLayout()) is params
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, tied", [("cpu_matvec", False), ("out_in", True)])
+def test_weight_layouts_give_the_stored_layouts_logits(name, tied):
+  """to_layout's parameters through make_forward(layout=...): the same logits, full forward and decode steps."""
+  config, layout = _config(tie_embeddings=tied), LAYOUTS[name]
+  tokens = np.random.default_rng(15).integers(0, config.vocab_size, (2, 9)).astype(np.int32)
+  params = _random_params(config, seed=2)
+  moved = dense.to_layout(params, layout)
+  stored, laid_out = jax.jit(llama.make_forward(config).apply), jax.jit(llama.make_forward(config, layout=layout).apply)
+  np.testing.assert_allclose(laid_out(moved, tokens)[0], stored(params, tokens)[0], atol=1e-5, rtol=0)
+  cache = kv_cache.init_cache(config, 2, 12)
+  filled = np.random.default_rng(16).standard_normal(cache.k.shape).astype(np.float32)
+  cache = kv_cache.KVCache(filled, -filled, np.array([3, 8], np.int32))  # As if prefilled: a decode step.
+  expected, expected_cache = stored(params, tokens[:, 8:], cache=cache)
+  logits, new_cache = laid_out(moved, tokens[:, 8:], cache=cache)
+  np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(new_cache.k, expected_cache.k, atol=1e-5, rtol=0)
+
+
+def test_decode_plan_rules_on_cpu():
+  f32, bf16 = _config(), _config(param_dtype="bfloat16")
+  assert platform.decode_plan(f32, batch=1) == platform.DecodePlan(platform.CPU_MATVEC_LAYOUT, 1)
+  assert platform.decode_plan(bf16, batch=1) == platform.DecodePlan(platform.CPU_MATVEC_LAYOUT, 32)
+  assert platform.decode_plan(f32, batch=2) == platform.DecodePlan(dense.WeightLayout(), 1)
+  assert platform.decode_plan(bf16, batch=1, mesh=object()).layout == dense.WeightLayout()
+  assert platform.decode_plan(_config(compute_dtype="bfloat16"), batch=4).chunk_steps == 32
+  hash(platform.CPU_MATVEC_LAYOUT)  # A jit static argument.
+
+
+def test_device_peak_flops():
+  assert platform.device_peak_flops(types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")) == 989e12
+  assert platform.measure_matmul_peak(size=64, seconds=0.01) > 0
