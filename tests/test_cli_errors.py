@@ -147,22 +147,13 @@ def test_evaluate_text_rejects_bad_text_or_tokenizer(case, names, fault, inputs)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("binary", ["convert", "eval"])
 @pytest.mark.parametrize("case", list(CHECKPOINT_FAULTS))
-def test_convert_rejects_bad_checkpoint(case, inputs, runs):
+def test_binary_rejects_bad_checkpoint(binary, case, inputs, runs):
   key, names, fault = CHECKPOINT_FAULTS[case]
-  proc, outputs = runs["convert", case]
+  proc, outputs = runs[binary, case]
   _check_error(proc, inputs[names], fault)
-  assert list(outputs.iterdir()) == []  # Neither the output directory nor a temporary sibling.
-  assert proc.stdout == ""
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", list(CHECKPOINT_FAULTS))
-def test_eval_rejects_bad_checkpoint(case, inputs, runs):
-  key, names, fault = CHECKPOINT_FAULTS[case]
-  proc, outputs = runs["eval", case]
-  _check_error(proc, inputs[names], fault)
-  assert list(outputs.iterdir()) == []  # No --output_json, no temporary file.
+  assert list(outputs.iterdir()) == []  # No output (directory or --output_json), no temporary sibling.
   assert proc.stdout == ""
 
 

@@ -57,10 +57,15 @@ def run(args, devices=8, **kwargs):
                         timeout=600, **kwargs)
 
 
-def sharded_logit_diffs(checkpoint, meshes, batch=8):
-  result = run([SCRIPTS / "sharded_logits.py", checkpoint, batch, json.dumps(meshes)])
+def run_on_meshes(script, checkpoint, meshes, *args):
+  """A tests/scripts/ script's last stdout line (JSON): the checkpoint run on each named mesh."""
+  result = run([SCRIPTS / script, checkpoint, *args, json.dumps(meshes)])
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def sharded_logit_diffs(checkpoint, meshes, batch=8):
+  return run_on_meshes("sharded_logits.py", checkpoint, meshes, batch)
 
 
 @pytest.mark.slow
@@ -86,9 +91,7 @@ def test_random_gqa_model_sharded_logits_equal_one_device(tiny_hf_model, tmp_pat
 
 
 def sharded_generations(checkpoint, meshes, max_new_tokens=16):
-  result = run([SCRIPTS / "sharded_generate.py", checkpoint, max_new_tokens, json.dumps(meshes)])
-  assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return run_on_meshes("sharded_generate.py", checkpoint, meshes, max_new_tokens)
 
 
 @pytest.mark.slow
@@ -136,20 +139,9 @@ def test_head_count_the_tensor_axis_does_not_divide_is_one_line(smollm2_llama_hk
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sharding_gin", ["fsdp", "tensor"])
-def test_dry_run_7b_reports_per_device_parameters(sharding_gin):
-  result = run([REPO / "bin" / "eval", "--dry_run", "--gin_file=gin/models/7b.gin",
-                f"--gin_file=gin/sharding/{sharding_gin}.gin"])
-  assert result.returncode == 0, result.stderr[-2000:]
-  report = json.loads(result.stdout.strip().splitlines()[-1])
-  expected = 6_738_415_616 * 4 / 8
-  assert report["devices"] == 8
-  assert abs(report["param_bytes_per_device"] - expected) <= 0.01 * expected, report
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("sharding_gin", ["fsdp", "tensor"])
-def test_generate_dry_run_7b_reports_parameters_and_kv_cache_per_device(sharding_gin):
-  result = run([REPO / "bin" / "generate", "--dry_run", "--gin_file=gin/models/7b.gin",
+@pytest.mark.parametrize("binary", ["eval", "generate"])
+def test_dry_run_7b_reports_per_device_bytes(binary, sharding_gin):
+  result = run([REPO / "bin" / binary, "--dry_run", "--gin_file=gin/models/7b.gin",
                 f"--gin_file=gin/sharding/{sharding_gin}.gin"])
   assert result.returncode == 0, result.stderr[-2000:]
   [line] = result.stdout.strip().splitlines()
@@ -157,11 +149,12 @@ def test_generate_dry_run_7b_reports_parameters_and_kv_cache_per_device(sharding
   expected = 6_738_415_616 * 4 / 8
   assert report["devices"] == 8
   assert abs(report["param_bytes_per_device"] - expected) <= 0.01 * expected, report
-  # 8 rows x 2048 slots x 32 layers x 32 kv heads x 128 x (keys, values) x float32, over 8 devices: the rows
-  # split over fsdp, or the heads over tensor.
-  assert report["kv_cache_rows"] == 8 and report["kv_cache_slots"] == 2048, report
-  assert report["kv_cache_bytes_per_device"] == 8 * 2048 * 32 * 32 * 128 * 2 * 4 // 8, report
-  assert report["kv_cache_batch_axes"] == (["fsdp"] if sharding_gin == "fsdp" else []), report
+  if binary == "generate":
+    # 8 rows x 2048 slots x 32 layers x 32 kv heads x 128 x (keys, values) x float32, over 8 devices: the rows
+    # split over fsdp, or the heads over tensor.
+    assert report["kv_cache_rows"] == 8 and report["kv_cache_slots"] == 2048, report
+    assert report["kv_cache_bytes_per_device"] == 8 * 2048 * 32 * 32 * 128 * 2 * 4 // 8, report
+    assert report["kv_cache_batch_axes"] == (["fsdp"] if sharding_gin == "fsdp" else []), report
 
 
 def _free_port() -> int:

@@ -13,7 +13,6 @@ import time
 
 import jax
 import numpy as np
-import tensorboardX
 
 from llama_hk import io_utils
 from llama_hk.config import LlamaConfig, num_params
@@ -32,6 +31,7 @@ class MetricsWriter:
     self.path = model_dir / METRICS_FILE
     self._truncate_after(keep_through)
     self.file = open(self.path, "a")
+    import tensorboardX  # Here, not at the top: it imports torch, which evaluation and generation never need.
     self.tensorboard = tensorboardX.SummaryWriter(str(model_dir), purge_step=keep_through + 1)
 
   def _truncate_after(self, step: int) -> None:

@@ -19,7 +19,8 @@ from llama_hk.tokenizers.tokenizer import Tokenizer
 from llama_hk.train.checkpointing import Checkpointer
 from llama_hk.train.step import Optimizer, TrainState, init_state
 
-RUNTIME_FIELDS = ("compute_dtype", "remat_policy", "param_dtype")  # May change between runs of one model_dir.
+# How a model runs rather than what it is: these may change between runs of one model_dir.
+RUNTIME_FIELDS = ("compute_dtype", "remat_policy", "param_dtype", "attention_impl")
 
 
 def model_config(config: LlamaConfig, init_checkpoint: str | None) -> LlamaConfig:
