@@ -34,7 +34,17 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
 ]
 
+SERVE_REQUIRES = [
+    # bin/serve: the OpenAI-style HTTP API. FastAPI (with uvicorn as its ASGI server) is what the ecosystem's
+    # OpenAI-compatible servers use, `transformers serve` among them.
+    "fastapi>=0.110",
+    "uvicorn>=0.29",
+]
+
 TEST_REQUIRES = [
+    *SERVE_REQUIRES,
+    "openai>=1.30",  # The official client: the serving tests speak to bin/serve only through it.
+    "peft>=0.11",  # The reference for LoRA: adapters written here must load in peft, and peft's here.
     # References only: transformers' PyTorch LLaMA is the independent implementation we compare against.
     "torch==2.13.0",  # Pinned: its CPU wheel is what this project tests with; other versions pull CUDA builds.
     "transformers>=5.0",  # The tests read its v5 API (`dtype=`, `config.rope_parameters`).
@@ -53,5 +63,5 @@ setuptools.setup(
     package_data={"llama_hk.gin": ["**/*.gin"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"serve": SERVE_REQUIRES, "test": TEST_REQUIRES},
 )
