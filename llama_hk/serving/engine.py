@@ -193,12 +193,8 @@ class Engine:
   """The decode loop's thread and its rows; `submit` from any thread."""
 
   def __init__(self, generator: Generator, max_seq_len: int, max_queue: int = 64):
-    if generator.mesh is not None:
-      raise UserError("serving runs on one device: drop the sharding gin file")
-    if not 1 <= max_seq_len <= generator.config.max_seq_len:
-      raise UserError(f"max_seq_len={max_seq_len}: must be in [1, {generator.config.max_seq_len}] (the model's)")
-    if max_queue < 0:
-      raise UserError(f"max_queue={max_queue}: must be >= 0")
+    """generator: the model, on one device (no mesh); max_seq_len: each sequence's context, at most the model's;
+    max_queue: requests that may wait for a row."""
     self.generator = generator
     self.config = generator.config
     self.tokenizer = generator.tokenizer
