@@ -235,8 +235,9 @@ class Engine:
       if self._stopping:
         raise Busy("the server is shutting down")
       active = sum(job is not None for job in self._rows)
-      if len(self._waiting) + len(requests) > self.max_queue + max(self.generator.max_batch - active, 0):
-        raise Busy(f"{len(self._waiting)} requests are waiting (at most {self.max_queue})")
+      waiting = sum(not job.cancelled for job in self._waiting)
+      if waiting + len(requests) > self.max_queue + max(self.generator.max_batch - active, 0):
+        raise Busy(f"{waiting} requests are waiting (at most {self.max_queue})")
       sequences = [Job(r, functools.partial(emit, i), self) for i, r in enumerate(requests)]
       self._waiting.extend(sequences)
       self._condition.notify()

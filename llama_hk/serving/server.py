@@ -6,7 +6,9 @@ accepting connections, ends every sequence with a final chunk (finish_reason "le
 streams have closed.
 """
 
+import contextlib
 import pathlib
+import signal
 import socket
 import sys
 import threading
@@ -28,6 +30,16 @@ class _Server(uvicorn.Server):
   def __init__(self, config: uvicorn.Config, state: State):
     super().__init__(config)
     self.state = state
+
+  @contextlib.contextmanager
+  def capture_signals(self):
+    """uvicorn's handlers without its re-raising of the signal at the end: a drained server exits with status 0."""
+    previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+      yield
+    finally:
+      for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
   def handle_exit(self, sig, frame) -> None:
     if self.state.engine is not None:
