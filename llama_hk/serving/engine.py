@@ -143,7 +143,8 @@ def insert_row(cache: KVCache, row_cache: KVCache, row) -> KVCache:
   """A prefilled row's cache (1 row, T <= S slots) written into row `row` of the shared cache, in place."""
   at = (0, row, 0, 0, 0)
   return KVCache(jax.lax.dynamic_update_slice(cache.k, row_cache.k, at),
-                 jax.lax.dynamic_update_slice(cache.v, row_cache.v, at), cache.end_index.at[row].set(row_cache.end_index[0]))
+                 jax.lax.dynamic_update_slice(cache.v, row_cache.v, at),
+                 cache.end_index.at[row].set(row_cache.end_index[0]))
 
 
 @jax.jit
@@ -186,7 +187,8 @@ def decode_rows(params, cache: KVCache, tokens, fields: RowFields, stop_ids, *, 
 
 def _logprobs(chosen: np.ndarray, top_ids: np.ndarray, top_values: np.ndarray) -> list[TokenLogprob]:
   """Host TokenLogprobs from arrays (n,), (n, N), (n, N)."""
-  return [TokenLogprob(float(c), tuple(zip(map(int, i), map(float, v)))) for c, i, v in zip(chosen, top_ids, top_values)]
+  return [TokenLogprob(float(c), tuple(zip(map(int, i), map(float, v))))
+          for c, i, v in zip(chosen, top_ids, top_values)]
 
 
 class Engine:
@@ -201,7 +203,7 @@ class Engine:
     self.max_seq_len = max_seq_len
     self.max_queue = max_queue
     self._slots = decode.bucket(max_seq_len)
-    self._stop_ids = np.array(decode.PaddedBatch.build([[0]], 1, self.tokenizer.eos_ids).stop_ids)
+    self._stop_ids = decode.padded_stop_ids(self.tokenizer.eos_ids)
     self._rows: list[Job | None] = [None]
     self._cache = init_cache(self.config, 1, self._slots)
     self._waiting: collections.deque[Job] = collections.deque()
