@@ -8,7 +8,7 @@ each batch bucket once; JAX's persistent cache keeps them across runs). Reported
 (completion tokens over the wall time), requests/s, p50 and p95 time to first token, and each stream's decode
 rate (tokens after the first over the time from first to last); then our / transformers' ratios, and bin/generate's
 batch-1 decode tokens/s beside our one-stream decode rate. transformers' server takes the first
---transformers_requests requests of the same mix (it is much slower on CPU). Loopback only; every wait bounded.
+--transformers_requests requests of the same mix (a bound on the run's time). Loopback only; every wait bounded.
 
   python bench/serve.py [--requests=64] [--transformers_requests=16] [--concurrency=1,4,16] [--max_seq_len=512]
 """
