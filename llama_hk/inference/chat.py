@@ -38,6 +38,12 @@ def prompt_ids(tokenizer: Tokenizer, text: str, chat: bool = False) -> list[int]
   return tokenizer.encode(text)
 
 
+def template_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
+  """The ids of `messages` rendered by the tokenizer's chat template, ready for the assistant's reply."""
+  rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+  return tokenizer.encode(rendered, add_bos=False, add_eos=False)  # The template writes its own specials.
+
+
 class Chat:
   """A conversation through the tokenizer's chat template; each reply joins the history for the next turn."""
 
@@ -50,8 +56,7 @@ class Chat:
     if not user_text:
       raise UserError("the prompt is empty")
     self.messages.append({"role": "user", "content": user_text})
-    rendered = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
-    return self.tokenizer.encode(rendered, add_bos=False, add_eos=False)  # The template writes its own specials.
+    return template_ids(self.tokenizer, self.messages)
 
   def add_reply(self, text: str) -> None:
     self.messages.append({"role": "assistant", "content": text})

@@ -77,6 +77,13 @@ def cache_shape(rows: int, tokens: int) -> tuple[int, int]:
   return batch_bucket(rows), bucket(tokens)
 
 
+def padded_stop_ids(stop_ids: Sequence[int]) -> np.ndarray:
+  """Stop ids (P,) int32, padded with -1 to a power of two of at least MIN_STOP_SLOTS: one compile serves them."""
+  stops = np.full((_power_of_two(max(len(stop_ids), MIN_STOP_SLOTS)),), -1, np.int32)  # (P,)
+  stops[:len(stop_ids)] = stop_ids
+  return stops
+
+
 @dataclasses.dataclass(frozen=True)
 class PaddedBatch:
   """A group of prompts as the prefill takes them: right-padded to the buckets, batch padding of length 0."""
@@ -94,9 +101,7 @@ class PaddedBatch:
     for i, prompt in enumerate(prompts):
       tokens[i, :len(prompt)] = prompt
       lengths[i] = len(prompt)
-    stops = np.full((_power_of_two(max(len(stop_ids), MIN_STOP_SLOTS)),), -1, np.int32)  # (P,)
-    stops[:len(stop_ids)] = stop_ids
-    return cls(tokens, lengths, stops, cache_len)
+    return cls(tokens, lengths, padded_stop_ids(stop_ids), cache_len)
 
   @property
   def batch(self) -> int:

@@ -75,7 +75,7 @@ class GenerationStats:
 TokenCallback = Callable[[int, list[int], str | None], None]
 
 
-class _Row:
+class Row:
   """One row's completion as its tokens arrive: the ids, the text (with a tokenizer) and whether it has ended."""
 
   def __init__(self, max_new_tokens: int, stop_ids: Sequence[int], text: IncrementalDetokenizer | None):
@@ -141,6 +141,11 @@ class Generator:
       self._plans = {batch: dataclasses.replace(plan, chunk_steps=chunk_steps) for batch, plan in self._plans.items()}
     self._decode_params = {plan.layout: to_layout(self.params, plan.layout) for plan in self._plans.values()}
 
+  def decode_plan(self, batch: int) -> tuple[platform.DecodePlan, dict]:
+    """How a padded batch of `batch` rows decodes, and the parameters in that plan's weight layout."""
+    plan = self._plans[batch]
+    return plan, self._decode_params[plan.layout]
+
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                seed: int = 0, stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
                use_eos: bool = True,
@@ -194,7 +199,7 @@ class Generator:
                       on_tokens) -> tuple[list[Completion], GenerationStats]:
     """One group of prompts (rows first_row, ... of the call): streamed through on_tokens, then returned."""
     started = time.perf_counter()
-    rows = [_Row(max_new_tokens, stops, IncrementalDetokenizer(self.tokenizer, stop_strings) if self.tokenizer
+    rows = [Row(max_new_tokens, stops, IncrementalDetokenizer(self.tokenizer, stop_strings) if self.tokenizer
                  else None) for _ in prompts]
     first_at = None
     steady_from = None  # (time, tokens so far) when the first decode call's tokens came back.

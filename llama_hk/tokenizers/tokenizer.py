@@ -6,6 +6,7 @@ which transformers may also keep in `chat_template.jinja`). Encoding matches
 `transformers.AutoTokenizer.from_pretrained(dir)(text).input_ids`.
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -115,6 +116,26 @@ class Tokenizer:
       ids = [i for i in ids if not self._spm.is_control(i)]
     return self._spm.decode(ids)
 
+  def token_bytes(self, token: int) -> bytes:
+    """The bytes one token stands for: a byte-level BPE piece through its byte alphabet, a `<0xNN>` byte-fallback
+    piece as that byte, any other piece as UTF-8 with SentencePiece's word boundary as a space."""
+    token = int(token)
+    piece = self._hf.id_to_token(token) if self._hf is not None else self._spm.id_to_piece(token)
+    if self._hf is not None and self._byte_level and token not in self._added_ids:
+      alphabet = _byte_alphabet()
+      return bytes(alphabet[c] for c in piece)
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+      return bytes([int(piece[3:5], 16)])
+    return piece.replace("\u2581", " ").encode()
+
+  @functools.cached_property
+  def _byte_level(self) -> bool:
+    return json.loads(self.files["tokenizer.json"]).get("decoder", {}).get("type") == "ByteLevel"
+
+  @functools.cached_property
+  def _added_ids(self) -> frozenset[int]:
+    return frozenset(self._hf.get_added_tokens_decoder())
+
   def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """Renders the tokenizer's chat template as transformers does (sandboxed jinja2, trimmed blocks)."""
     if not self.chat_template:
@@ -136,3 +157,12 @@ class Tokenizer:
 
 def _none_if_negative(i: int) -> int | None:
   return None if i < 0 else i
+
+
+@functools.cache
+def _byte_alphabet() -> dict[str, int]:
+  """Byte-level BPE's printable stand-in for each byte (GPT-2's): printable Latin-1 bytes stand for themselves,
+  the others take the characters from U+0100 on, in byte order."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+  others = [b for b in range(256) if b not in printable]
+  return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
