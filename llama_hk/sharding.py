@@ -35,6 +35,7 @@ DEFAULT_RULES = {
     "layers": None,
     "norm": None,
     "head_dim": None,
+    "lora_rank": None,
     "act_batch": ("data", "fsdp"),
     "act_length": None,
     "act_embed": None,

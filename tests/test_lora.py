@@ -1,0 +1,105 @@
+"""LoRA against transformers + peft: training steps (torch.optim.AdamW on the adapter), adapters written here loaded
+by `PeftModel.from_pretrained`, adapters trained by peft applied here, and merged exports, in float32."""
+
+import jax
+import numpy as np
+import peft
+import pytest
+import torch
+
+from llama_hk import config as config_lib
+from llama_hk import train
+from llama_hk.checkpoints import peft as peft_format
+from llama_hk.ops import lora as lora_lib
+from llama_hk.params import params_from_hf
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # PEFT's default: q, v.
+RANK, ALPHA = 4, 8
+# eps well above the float32 rounding of the second step's small A gradients, which Adam would otherwise amplify.
+HYPER = dict(peak_learning_rate=1e-2, b1=0.9, b2=0.95, eps=1e-4, weight_decay=0.1, clip_norm=0.5)
+
+
+def _batches(vocab: int, count: int, seed: int, batch: int = 2, length: int = 10) -> list[dict[str, np.ndarray]]:
+  """Rows of one document each, the last token of each row unscored."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(count):
+    tokens = rng.integers(3, vocab, (batch, length + 1)).astype(np.int32)
+    loss_mask = np.ones((batch, length), np.float32)
+    loss_mask[:, -1] = 0.0
+    out.append({"tokens": tokens[:, :-1], "positions": np.tile(np.arange(length, dtype=np.int32), (batch, 1)),
+                "segment_ids": np.ones((batch, length), np.int32), "targets": tokens[:, 1:] * (loss_mask > 0),
+                "loss_mask": loss_mask})
+  return out
+
+
+def _peft_steps(model, batches) -> list[float]:
+  """PEFT's training: AdamW (a fresh one) on the adapter's parameters, optax-style global-norm clipping."""
+  trained = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(trained, lr=HYPER["peak_learning_rate"], betas=(HYPER["b1"], HYPER["b2"]),
+                          eps=HYPER["eps"], weight_decay=HYPER["weight_decay"])
+  losses = []
+  for batch in batches:
+    logits = model(input_ids=torch.from_numpy(batch["tokens"]).long()).logits
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.from_numpy(batch["targets"]).long().flatten(),
+                                            reduction="none")
+    mask = torch.from_numpy(batch["loss_mask"]).flatten()
+    loss = (nll * mask).sum() / mask.sum()
+    opt.zero_grad()
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad ** 2).sum() for p in trained))
+    if norm > HYPER["clip_norm"]:
+      for p in trained:
+        p.grad.mul_(HYPER["clip_norm"] / norm)
+    opt.step()
+    losses.append(float(loss.detach()))
+  return losses
+
+
+def _peft_adapter(model) -> dict[str, np.ndarray]:
+  """The adapter's tensors under the names PEFT saves them with."""
+  return {name.replace(".default", ""): p.detach().numpy().copy()
+          for name, p in model.named_parameters() if "lora_" in name}
+
+
+@pytest.fixture(scope="module")
+def peft_model(tiny_hf_model):
+  """(config, base params, peft model): a random GQA model with tied embeddings, wrapped by get_peft_model."""
+  hf = tiny_hf_model(seed=3, weight_std=0.05, tie_word_embeddings=True)
+  config = config_lib.from_hf_config(hf.config.to_dict())
+  base = params_from_hf({k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}, config)
+  torch.manual_seed(0)
+  model = peft.get_peft_model(hf, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS,
+                                                  task_type="CAUSAL_LM"))
+  model.train()
+  return config, base, model
+
+
+@pytest.mark.slow
+def test_two_steps_equal_peft_then_from_trained_adapter(peft_model):
+  config, base, model = peft_model
+  lora = lora_lib.LoraConfig(rank=RANK, alpha=ALPHA)
+  optimizer = train.make_optimizer(total_steps=4, schedule="constant", **HYPER)
+  step = jax.jit(train.make_train_step(config, optimizer, lora=lora))
+  for start, seed in (("fresh (B zero)", 0), ("peft-trained (B non-zero)", 1)):
+    tensors = _peft_adapter(model)
+    if seed:
+      assert max(np.abs(v).max() for k, v in tensors.items() if "lora_B" in k) > 1e-3, "B should be trained"
+    adapter = peft_format.adapter_from_tensors(tensors.__getitem__, config, lora, "peft")
+    state = train.init_state(config, optimizer, params=base, lora=lora, adapter=adapter)
+    batches = _batches(config.vocab_size, 2, seed)
+    ours = []
+    for batch in batches:
+      state, metrics = step(state, batch)
+      ours.append(float(metrics["loss"]))
+    theirs = _peft_steps(model, batches)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6, err_msg=start)
+    updated = {name: make() for name, _, _, make in peft_format.tensors(jax.device_get(state.params), config, lora)}
+    expected = _peft_adapter(model)
+    assert set(updated) == set(expected)
+    for name, value in expected.items():
+      np.testing.assert_allclose(updated[name], value, atol=1e-5, rtol=0, err_msg=f"{start}: {name}")
+    # The base is frozen: unchanged, and the optimizer holds moments of the adapter's 14 leaves only.
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.base), base)
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]
+    assert len(moments) == 2 * 2 * len(TARGETS)
