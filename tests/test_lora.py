@@ -6,10 +6,13 @@ import numpy as np
 import peft
 import pytest
 import torch
+import transformers
 
+from llama_hk import checkpoints
 from llama_hk import config as config_lib
 from llama_hk import train
 from llama_hk.checkpoints import peft as peft_format
+from llama_hk.models import make_forward
 from llama_hk.ops import lora as lora_lib
 from llama_hk.params import params_from_hf
 
@@ -63,21 +66,42 @@ def _peft_adapter(model) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def peft_model(tiny_hf_model):
-  """(config, base params, peft model): a random GQA model with tied embeddings, wrapped by get_peft_model."""
+def base(tiny_hf_model, tmp_path_factory):
+  """(config, base params, HF directory): a random GQA model with tied embeddings, saved by transformers."""
   hf = tiny_hf_model(seed=3, weight_std=0.05, tie_word_embeddings=True)
   config = config_lib.from_hf_config(hf.config.to_dict())
-  base = params_from_hf({k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}, config)
-  torch.manual_seed(0)
-  model = peft.get_peft_model(hf, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS,
-                                                  task_type="CAUSAL_LM"))
-  model.train()
-  return config, base, model
+  params = params_from_hf({k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}, config)
+  hf_dir = tmp_path_factory.mktemp("lora_base") / "hf"
+  hf.save_pretrained(hf_dir)
+  return config, params, hf_dir
+
+
+def _hf(hf_dir):
+  model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+  return model.eval()
+
+
+def _peft_model(hf_dir, seed: int = 0):
+  torch.manual_seed(seed)
+  return peft.get_peft_model(_hf(hf_dir), peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                                                          target_modules=TARGETS, task_type="CAUSAL_LM"))
+
+
+def _our_logits(config, params, tokens, lora=None) -> np.ndarray:
+  logits, _ = jax.jit(make_forward(config, lora=lora).apply)(params, tokens)
+  return np.asarray(logits)
+
+
+def _torch_logits(model, tokens) -> np.ndarray:
+  with torch.no_grad():
+    return model(input_ids=torch.from_numpy(np.asarray(tokens)).long()).logits.numpy()
 
 
 @pytest.mark.slow
-def test_two_steps_equal_peft_then_from_trained_adapter(peft_model):
-  config, base, model = peft_model
+def test_two_steps_equal_peft_then_from_trained_adapter(base):
+  config, base, hf_dir = base
+  model = _peft_model(hf_dir)
+  model.train()
   lora = lora_lib.LoraConfig(rank=RANK, alpha=ALPHA)
   optimizer = train.make_optimizer(total_steps=4, schedule="constant", **HYPER)
   step = jax.jit(train.make_train_step(config, optimizer, lora=lora))
@@ -103,3 +127,38 @@ def test_two_steps_equal_peft_then_from_trained_adapter(peft_model):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.base), base)
     moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]
     assert len(moments) == 2 * 2 * len(TARGETS)
+
+
+def test_our_adapter_loads_in_peft_and_merges(base, tmp_path):
+  config, params, hf_dir = base
+  lora = lora_lib.LoraConfig(rank=RANK, alpha=ALPHA, targets=("q_proj", "v_proj", "o_proj", "down_proj"))
+  adapter = lora_lib.init_adapter(jax.random.PRNGKey(5), config, lora)
+  rng = np.random.default_rng(5)
+  adapter = {m: {n: np.asarray(v) if n.endswith("_a") else rng.normal(0, 0.05, v.shape).astype(np.float32)
+                 for n, v in leaves.items()} for m, leaves in adapter.items()}
+  peft_format.write(tmp_path / "adapter", adapter, config, lora, str(hf_dir))
+  tokens = rng.integers(0, config.vocab_size, (2, 9)).astype(np.int32)
+  ours = _our_logits(config, lora_lib.combine(params, adapter), tokens, lora)
+  assert np.abs(ours - _our_logits(config, params, tokens)).max() > 1e-2, "the adapter should change the logits"
+  theirs = _torch_logits(peft.PeftModel.from_pretrained(_hf(hf_dir), tmp_path / "adapter").eval(), tokens)
+  np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+  checkpoints.convert(hf_dir, tmp_path / "merged", "hf", adapter=tmp_path / "adapter", merge_lora=True)
+  np.testing.assert_allclose(_torch_logits(_hf(tmp_path / "merged"), tokens), ours, atol=1e-4, rtol=0)
+  checkpoints.convert(hf_dir, tmp_path / "again", "peft", adapter=tmp_path / "adapter")
+  _, again = lora_lib.split(checkpoints.load(hf_dir, adapter=tmp_path / "again", on_device=False).params, lora)
+  jax.tree.map(np.testing.assert_array_equal, again, adapter)
+
+
+def test_peft_trained_adapter_applies_here(base, tmp_path):
+  config, _, hf_dir = base
+  model = _peft_model(hf_dir, seed=1)
+  model.train()
+  _peft_steps(model, _batches(config.vocab_size, 3, seed=2))
+  model.eval()
+  model.save_pretrained(tmp_path / "peft")
+  tokens = np.random.default_rng(6).integers(0, config.vocab_size, (2, 11)).astype(np.int32)
+  ckpt = checkpoints.load(hf_dir, adapter=tmp_path / "peft")
+  assert ckpt.lora == lora_lib.LoraConfig(rank=RANK, alpha=ALPHA)
+  np.testing.assert_allclose(_our_logits(ckpt.config, ckpt.params, tokens, ckpt.lora), _torch_logits(model, tokens),
+                             atol=1e-4, rtol=0)

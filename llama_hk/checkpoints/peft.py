@@ -21,8 +21,22 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
+ADAPTERS_DIR = "adapters"  # Of a LoRA training model_dir: adapters/<step>/, one PEFT directory per checkpoint.
+
+
 def is_adapter_dir(path: str | os.PathLike) -> bool:
   return (pathlib.Path(path) / CONFIG_FILE).is_file()
+
+
+def model_dir_adapter(path: pathlib.Path) -> pathlib.Path | None:
+  """The latest adapter of a LoRA training model_dir (adapters/<step>/), or None for any other path."""
+  steps = [int(p.name) for p in (path / ADAPTERS_DIR).glob("*") if p.name.isdigit() and is_adapter_dir(p)]
+  return path / ADAPTERS_DIR / str(max(steps)) if steps else None
+
+
+def base_name(path: str | os.PathLike) -> str:
+  """The adapter's `base_model_name_or_path` ("" when unset)."""
+  return json.loads((pathlib.Path(path) / CONFIG_FILE).read_text()).get("base_model_name_or_path") or ""
 
 
 def read_config(path: str | os.PathLike) -> LoraConfig:

@@ -97,14 +97,26 @@ def combine(base: Mapping, adapter: Mapping) -> dict:
   return {module: {**leaves, **adapter.get(module, {})} for module, leaves in base.items()}
 
 
-def merged(base: Mapping, adapter: Mapping, lora: LoraConfig) -> dict:
-  """The base with each target's W + A B * alpha / r folded in (NumPy, float32): a plain model's parameters."""
+def split(params: Mapping, lora: LoraConfig) -> tuple[dict, dict]:
+  """(base, adapter) of a tree `combine` made."""
+  names = {(row.module, row.name) for row in lora.adapter_rows()}
+  base, adapter = {}, {}
+  for module, leaves in params.items():
+    for name, leaf in leaves.items():
+      (adapter if (module, name) in names else base).setdefault(module, {})[name] = leaf
+  return base, adapter
+
+
+def merged(params: Mapping, lora: LoraConfig) -> dict:
+  """A plain model's parameters from a combined tree: each target's W + A B * alpha / r, in W's dtype (NumPy for
+  NumPy leaves, else jax arrays where the leaves lie)."""
+  base, adapter = split(params, lora)
   out = {module: dict(leaves) for module, leaves in base.items()}
   for row, a, b in lora.targeted():
-    w = np.asarray(base[row.module][row.name], np.float32)
-    factor_a = np.asarray(adapter[a.module][a.name], np.float32)
+    w = base[row.module][row.name]
+    xp = np if isinstance(w, np.ndarray) else jnp
     layers = w.shape[0]
-    a2 = factor_a.reshape(layers, -1, lora.rank)  # (L, in, r)
-    b2 = np.asarray(adapter[b.module][b.name], np.float32).reshape(layers, lora.rank, -1)  # (L, r, out)
-    out[row.module][row.name] = w + (a2 @ b2 * lora.scaling).reshape(w.shape)
+    a2 = xp.asarray(adapter[a.module][a.name], np.float32).reshape(layers, -1, lora.rank)  # (L, in, r)
+    b2 = xp.asarray(adapter[b.module][b.name], np.float32).reshape(layers, lora.rank, -1)  # (L, r, out)
+    out[row.module][row.name] = (w.astype(np.float32) + (a2 @ b2 * lora.scaling).reshape(w.shape)).astype(w.dtype)
   return out
