@@ -129,6 +129,7 @@ def test_two_steps_equal_peft_then_from_trained_adapter(base):
     assert len(moments) == 2 * 2 * len(TARGETS)
 
 
+@pytest.mark.slow
 def test_our_adapter_loads_in_peft_and_merges(base, tmp_path):
   config, params, hf_dir = base
   lora = lora_lib.LoraConfig(rank=RANK, alpha=ALPHA, targets=("q_proj", "v_proj", "o_proj", "down_proj"))
@@ -150,6 +151,7 @@ def test_our_adapter_loads_in_peft_and_merges(base, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, again, adapter)
 
 
+@pytest.mark.slow
 def test_peft_trained_adapter_applies_here(base, tmp_path):
   config, _, hf_dir = base
   model = _peft_model(hf_dir, seed=1)

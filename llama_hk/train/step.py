@@ -36,6 +36,11 @@ class TrainState(NamedTuple):
   base: Any = None  # With LoRA: the frozen base parameters (no gradient, no optimizer state); else None.
 
 
+def model_params(state: TrainState):
+  """The parameter tree the model reads: `params`, or with a frozen base the adapter beside it."""
+  return state.params if state.base is None else lora_lib.combine(state.base, state.params)
+
+
 class Optimizer(NamedTuple):
   transform: optax.GradientTransformation
   learning_rate: optax.Schedule  # Step -> the rate the update of that step uses (the `learning_rate` metric).
