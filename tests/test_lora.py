@@ -10,11 +10,14 @@ import transformers
 
 from llama_hk import checkpoints
 from llama_hk import config as config_lib
+from llama_hk import sharding
 from llama_hk import train
 from llama_hk.checkpoints import peft as peft_format
+from llama_hk.errors import UserError
 from llama_hk.models import make_forward
 from llama_hk.ops import lora as lora_lib
 from llama_hk.params import params_from_hf
+from llama_hk.train import state as state_lib
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # PEFT's default: q, v.
 RANK, ALPHA = 4, 8
@@ -164,3 +167,49 @@ def test_peft_trained_adapter_applies_here(base, tmp_path):
   assert ckpt.lora == lora_lib.LoraConfig(rank=RANK, alpha=ALPHA)
   np.testing.assert_allclose(_our_logits(ckpt.config, ckpt.params, tokens, ckpt.lora), _torch_logits(model, tokens),
                              atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_state_bytes_of_smollm2_lora_bf16_base_are_a_fifth_of_full_fine_tuning(smollm2_gguf):
+  config = checkpoints.load_config(smollm2_gguf).replace(param_dtype="float32")
+  mesh = sharding.make_mesh()
+  optimizer = train.make_optimizer(total_steps=10)
+
+  def state_bytes(lora):
+    shardings = state_lib.state_shardings(config, optimizer, mesh, lora)
+    state = state_lib.abstract_state(config, optimizer, shardings, 0, lora)
+    return sharding.per_device_bytes(state, shardings), state
+
+  full, _ = state_bytes(None)
+  lora = lora_lib.LoraConfig(rank=8, base_weights="bfloat16")
+  lora_bytes, state = state_bytes(lora)
+  assert full == pytest.approx(3 * 4 * config_lib.num_params(config), rel=1e-3)  # Masters and two moments.
+  adapter = sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))
+  assert lora_bytes == pytest.approx(2 * config_lib.num_params(config) + 3 * 4 * adapter, rel=1e-3)
+  assert lora_bytes <= 0.2 * full, (lora_bytes, full)
+  print(f"SmolLM2 train state: full fine-tuning {full / 2**20:.1f} MiB, LoRA r=8 on a bfloat16 base "
+        f"{lora_bytes / 2**20:.1f} MiB ({lora_bytes / full:.3f}x), on a float32 base "
+        f"{(lora_bytes + 2 * config_lib.num_params(config)) / 2**20:.1f} MiB")
+
+
+def test_bad_input_one_line_errors(base, tmp_path):
+  config, params, hf_dir = base
+  with pytest.raises(UserError, match=r"^LORA_TARGETS: qkv_proj is not a target module \(choose from q_proj, "):
+    lora_lib.LoraConfig(targets=("q_proj", "qkv_proj"))
+  with pytest.raises(UserError, match="^LORA_RANK=0: must be positive$"):
+    lora_lib.LoraConfig(rank=0)
+  lora = lora_lib.LoraConfig(rank=RANK, alpha=ALPHA)
+  other = config.replace(d_model=32, head_dim=8)
+  adapter = {row.module: {} for row in lora.adapter_rows()}
+  for row in lora.adapter_rows():
+    adapter[row.module][row.name] = np.zeros(row.full_shape(other, RANK), np.float32)
+  peft_format.write(tmp_path / "other", adapter, other, lora, "x")
+  with pytest.raises(UserError, match=f"^{tmp_path}/other/adapter_model.safetensors: tensor .*q_proj.lora_A.weight "
+                                      f"has shape \\(4, 32\\), the base model implies \\(4, 64\\) \\({hf_dir} is the "
+                                      "base\\)$"):
+    checkpoints.load(hf_dir, adapter=tmp_path / "other")
+  with pytest.raises(UserError, match=f"^--input={hf_dir}: has no LoRA adapter"):
+    checkpoints.convert(hf_dir, tmp_path / "merged", "hf", merge_lora=True)
+  with pytest.raises(UserError, match=f"^{tmp_path}/other/adapter_model.safetensors: tensor"):
+    checkpoints.convert(hf_dir, tmp_path / "merged", "hf", adapter=tmp_path / "other", merge_lora=True)
+  assert not (tmp_path / "merged").exists()

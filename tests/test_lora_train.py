@@ -40,11 +40,18 @@ def lora_args(shakespeare_data_dir, shakespeare_tokenizer_dir, shakespeare_dir, 
           + [f"--gin.{key}={value}" for key, value in bindings.items()])
 
 
-@pytest.mark.slow
-def test_lora_run_writes_adapters_and_resumes_after_sigkill(tmp_path, lora_args):
-  whole = tmp_path / "whole"
+@pytest.fixture(scope="module")
+def whole_run(lora_args, tmp_path_factory) -> pathlib.Path:
+  """The LoRA run of STEPS on one device, uninterrupted."""
+  whole = tmp_path_factory.mktemp("lora_whole") / "run"
   result = run_train(whole, lora_args, **STEPS)
   assert result.returncode == 0, result.stderr[-3000:]
+  return whole
+
+
+@pytest.mark.slow
+def test_lora_run_writes_adapters_and_resumes_after_sigkill(tmp_path, lora_args, whole_run):
+  whole = whole_run
   assert sorted(p.name for p in (whole / "adapters").iterdir()) == ["3", "6"]
   fields = json.loads((whole / "adapters" / "6" / "adapter_config.json").read_text())
   assert (fields["peft_type"], fields["task_type"], fields["r"], fields["lora_alpha"]) == ("LORA", "CAUSAL_LM", 4, 16)
@@ -80,13 +87,10 @@ def test_lora_run_writes_adapters_and_resumes_after_sigkill(tmp_path, lora_args)
 
 
 @pytest.mark.slow
-def test_lora_sharded_fsdp_tensor_equals_one_device(tmp_path, lora_args):
-  steps = dict(TRAIN_STEPS=3, CHECKPOINT_EVERY=3)
-  single = run_train(tmp_path / "single", lora_args, **steps)
-  assert single.returncode == 0, single.stderr[-3000:]
+def test_lora_sharded_fsdp_tensor_equals_one_device(tmp_path, lora_args, whole_run):
   mesh = ["--gin_file=gin/sharding/data_fsdp_tensor.gin", "--gin.sharding.make_mesh.data=1",
           "--gin.sharding.make_mesh.tensor=2"]
-  sharded = run_train(tmp_path / "sharded", lora_args + mesh, env=EIGHT_DEVICES, **steps)
+  sharded = run_train(tmp_path / "sharded", lora_args + mesh, env=EIGHT_DEVICES, **STEPS)
   assert sharded.returncode == 0, sharded.stderr[-3000:]
-  one, eight = np.array(train_losses(tmp_path / "single")), np.array(train_losses(tmp_path / "sharded"))
+  one, eight = np.array(train_losses(whole_run)), np.array(train_losses(tmp_path / "sharded"))
   np.testing.assert_allclose(eight[:, 1:3], one[:, 1:3], rtol=1e-5)
