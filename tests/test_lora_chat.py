@@ -41,7 +41,6 @@ def _spans(ids, mask) -> list[list[int]]:
   return spans
 
 
-@pytest.mark.slow
 def test_mask_covers_exactly_the_assistant_tokens(tokenizer, smollm2_hf_dir):
   ids, assistant = chat.encode(CONVERSATION, tokenizer)
   hf = transformers.AutoTokenizer.from_pretrained(smollm2_hf_dir)

@@ -15,8 +15,9 @@ does not grow with depth):
   norm/scale                                              (D,)
   lm_head/w                                               (D, V), absent with tied embeddings
 With a LoRA adapter (`make_forward(config, lora=...)`), each targeted matrix has `{name}_lora_a` (L, in..., r) and
-`{name}_lora_b` (L, r, out...) beside it (ops.lora). These are the stored layout's shapes; `make_forward(config, layout=...)` reads the matrix weights in another
-layout (`ops.dense.WeightLayout`) under the same names.
+`{name}_lora_b` (L, r, out...) beside it (ops.lora). These are the stored layout's shapes;
+`make_forward(config, layout=...)` reads the matrix weights in another layout (`ops.dense.WeightLayout`) under the
+same names.
 
 Every product of weights and activations goes through `ops.dense.dense`, every attention through
 `ops.attention.attend` (`config.attention_impl` without a cache, the cached kernels with one).

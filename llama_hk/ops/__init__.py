@@ -1,5 +1,5 @@
-"""Ops: the matmul seam (`ops.dense`, LoRA's term in `ops.lora`) and the attention implementations (`ops.attention`), where the model's
-computations are chosen per weight layout and per backend."""
+"""Ops: the matmul seam (`ops.dense`, with LoRA's term from `ops.lora`) and the attention implementations
+(`ops.attention`), where the model's computations are chosen per weight layout and per backend."""
 
 from llama_hk.ops.dense import WeightLayout, to_layout
 from llama_hk.ops.lora import LoraConfig

@@ -109,7 +109,7 @@ def split(params: Mapping, lora: LoraConfig) -> tuple[dict, dict]:
 
 def merged(params: Mapping, lora: LoraConfig) -> dict:
   """A plain model's parameters from a combined tree: each target's W + A B * alpha / r, in W's dtype (NumPy for
-  NumPy leaves, else jax arrays where the leaves lie)."""
+  NumPy leaves, else jax arrays laid out as W)."""
   base, adapter = split(params, lora)
   out = {module: dict(leaves) for module, leaves in base.items()}
   for row, a, b in lora.targeted():
@@ -118,5 +118,6 @@ def merged(params: Mapping, lora: LoraConfig) -> dict:
     layers = w.shape[0]
     a2 = xp.asarray(adapter[a.module][a.name], np.float32).reshape(layers, -1, lora.rank)  # (L, in, r)
     b2 = xp.asarray(adapter[b.module][b.name], np.float32).reshape(layers, lora.rank, -1)  # (L, r, out)
-    out[row.module][row.name] = (w.astype(np.float32) + (a2 @ b2 * lora.scaling).reshape(w.shape)).astype(w.dtype)
+    total = (w.astype(np.float32) + (a2 @ b2 * lora.scaling).reshape(w.shape)).astype(w.dtype)
+    out[row.module][row.name] = total if xp is np else jax.device_put(total, w.sharding)  # Laid out as W was.
   return out
