@@ -1,8 +1,9 @@
 """bin/train with gin/runs/lora.gin end to end on a small random 8/4-head base: PEFT adapters beside each checkpoint,
-a SIGKILLed run resumed with identical losses, fsdp x tensor on 8 simulated devices equal to one device, the
-model_dir read back as base + adapter and exported by bin/convert."""
+a SIGKILLed run resumed with identical losses, fsdp x tensor on 8 simulated devices and 2 processes x 2 devices equal
+to one process, the model_dir read back as base + adapter and exported by bin/convert."""
 
 import json
+import os
 import pathlib
 import signal
 import subprocess
@@ -14,10 +15,11 @@ import numpy as np
 import pytest
 
 from llama_hk import checkpoints
+from llama_hk.checkpoints import safetensors_io
 from llama_hk import config as config_lib
 from llama_hk.models import make_forward
 from llama_hk.tokenizers.tokenizer import Tokenizer
-from test_train_loop import EIGHT_DEVICES, REPO, _command, run_train, train_losses
+from test_train_loop import EIGHT_DEVICES, REPO, _command, _free_port, metrics, run_train, train_losses
 
 MODEL = {"config.LlamaConfig.d_model": 64, "config.LlamaConfig.num_layers": 2, "config.LlamaConfig.num_heads": 8,
          "config.LlamaConfig.num_kv_heads": 4, "config.LlamaConfig.d_ff": 128}
@@ -94,3 +96,35 @@ def test_lora_sharded_fsdp_tensor_equals_one_device(tmp_path, lora_args, whole_r
   assert sharded.returncode == 0, sharded.stderr[-3000:]
   one, eight = np.array(train_losses(whole_run)), np.array(train_losses(tmp_path / "sharded"))
   np.testing.assert_allclose(eight[:, 1:3], one[:, 1:3], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_lora_two_processes_train_like_one(tmp_path, lora_args):
+  args = lora_args + ["--gin_file=gin/sharding/fsdp.gin", "--gin.NUM_SHARDS=2"]
+  steps = dict(TRAIN_STEPS=3, CHECKPOINT_EVERY=3)
+  coordinator = [f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2"]
+  commands = [(_command(tmp_path / "one", args, **steps), 4)] + [
+      (_command(tmp_path / "two", args + coordinator + [f"--process_id={i}"], **steps), 2) for i in range(2)]
+  processes = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+               for command, devices in commands]
+  try:
+    outputs = [p.communicate(timeout=300) for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+      p.wait()
+  for process, (_, err) in zip(processes, outputs):
+    assert process.returncode == 0, err[-3000:]
+  single, multi = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+  assert len(multi) == len(single)
+  for a, b in zip(multi, single):
+    for key in ("loss", "grad_norm", "eval_loss"):
+      if key in b:
+        assert a[key] == pytest.approx(b[key], rel=1e-5), (key, multi, single)
+  # Process 0 writes the adapter gathered from both processes: the one process's, up to reduction order.
+  written = [safetensors_io.SafetensorsFile(str(tmp_path / run / "adapters" / "3" / "adapter_model.safetensors"))
+             for run in ("one", "two")]
+  assert set(written[0].keys()) == set(written[1].keys())
+  for name in written[0].keys():
+    np.testing.assert_allclose(written[1].get(name), written[0].get(name), atol=1e-6, err_msg=name)
