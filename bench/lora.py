@@ -32,7 +32,7 @@ def bench(config, batch, params, lora) -> tuple[float, int]:
   """(seconds a step, train-state bytes)."""
   optimizer = train.make_optimizer(total_steps=100, schedule="constant")
   step = jax.jit(train.make_train_step(config, optimizer, lora=lora), donate_argnums=0)
-  state = train.init_state(config, optimizer, params=params, lora=lora)
+  state = jax.device_put(train.init_state(config, optimizer, params=params, lora=lora))
   state_bytes = sharding.per_device_bytes(state, jax.tree.map(lambda x: x.sharding, state))
   for _ in range(2):
     state, metrics = step(state, batch)

@@ -127,4 +127,4 @@ def test_lora_two_processes_train_like_one(tmp_path, lora_args):
              for run in ("one", "two")]
   assert set(written[0].keys()) == set(written[1].keys())
   for name in written[0].keys():
-    np.testing.assert_allclose(written[1].get(name), written[0].get(name), atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(written[1].get(name), written[0].get(name), atol=1e-5, err_msg=name)
