@@ -23,8 +23,8 @@ from llama_hk.errors import UserError
 _DIMS = {
     "V": "vocab_size", "D": "d_model", "N": "num_heads", "G": "num_kv_heads", "K": "head_dim", "F": "d_ff",
 }
-# Logical axis of each shape letter (sharding.DEFAULT_RULES maps these to mesh axes).
-_AXES = {"V": "vocab", "D": "embed", "N": "heads", "G": "kv_heads", "K": "head_dim", "F": "mlp"}
+# Logical axis of each shape letter (sharding.DEFAULT_RULES maps these to mesh axes); R is a LoRA adapter's rank.
+_AXES = {"V": "vocab", "D": "embed", "N": "heads", "G": "kv_heads", "K": "head_dim", "F": "mlp", "R": "lora_rank"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,35 +46,36 @@ class Param:
 
   @property
   def is_matmul(self) -> bool:
-    """A matrix weight: its first `n_in` axes meet the activations in a product (ops.dense)."""
-    return self.layout == "linear"
+    """A matrix weight of the model: its first `n_in` axes meet the activations in a product (ops.dense); a LoRA
+    factor (its shape has R) is not one, and keeps its stored layout in every `WeightLayout`."""
+    return self.layout == "linear" and "R" not in self.shape
 
   def logical_axes(self) -> tuple[str, ...]:
     """Logical axes of the full leaf, the layer axis of stacked leaves first."""
     per_layer = self.axes or tuple(_AXES[letter] for letter in self.shape)
     return (("layers",) if self.stacked else ()) + per_layer
 
-  def full_shape(self, config: LlamaConfig) -> tuple[int, ...]:
-    """The leaf's shape: (L, *per-layer shape) for stacked leaves."""
-    return ((config.num_layers,) if self.stacked else ()) + self.our_shape(config)
+  def full_shape(self, config: LlamaConfig, rank: int | None = None) -> tuple[int, ...]:
+    """The leaf's shape: (L, *per-layer shape) for stacked leaves; `rank` is the size of a LoRA row's R."""
+    return ((config.num_layers,) if self.stacked else ()) + self.our_shape(config, rank)
 
-  def our_shape(self, config: LlamaConfig) -> tuple[int, ...]:
-    return tuple(getattr(config, _DIMS[letter]) for letter in self.shape)
+  def our_shape(self, config: LlamaConfig, rank: int | None = None) -> tuple[int, ...]:
+    return tuple(rank if letter == "R" else getattr(config, _DIMS[letter]) for letter in self.shape)
 
-  def hf_shape(self, config: LlamaConfig) -> tuple[int, ...]:
-    shape = self.our_shape(config)
+  def hf_shape(self, config: LlamaConfig, rank: int | None = None) -> tuple[int, ...]:
+    shape = self.our_shape(config, rank)
     if self.layout == "linear":
       return (math.prod(shape[self.n_in:]), math.prod(shape[:self.n_in]))
     return shape
 
-  def to_ours(self, hf_array: np.ndarray, config: LlamaConfig) -> np.ndarray:
+  def to_ours(self, hf_array: np.ndarray, config: LlamaConfig, rank: int | None = None) -> np.ndarray:
     if self.layout == "linear":
-      return hf_array.T.reshape(self.our_shape(config))
-    return hf_array.reshape(self.our_shape(config))
+      return hf_array.T.reshape(self.our_shape(config, rank))
+    return hf_array.reshape(self.our_shape(config, rank))
 
-  def to_hf(self, array: np.ndarray, config: LlamaConfig) -> np.ndarray:
+  def to_hf(self, array: np.ndarray, config: LlamaConfig, rank: int | None = None) -> np.ndarray:
     if self.layout == "linear":
-      rows, cols = self.hf_shape(config)
+      rows, cols = self.hf_shape(config, rank)
       return np.ascontiguousarray(array.reshape(cols, rows).T)
     return np.asarray(array)
 
@@ -103,7 +104,26 @@ TABLE = (
 )
 
 
-BY_NAME = {(p.module, p.name): p for p in TABLE}
+
+def _lora_rows(base: Param) -> tuple[Param, Param]:
+  """A LoRA adapter's two factors of the decoder matrix `base`, named as PEFT names them: A (in axes, R), whose
+  PEFT weight is (R, in), then B (R, out axes), PEFT's (out, R); the product x A B has the base's output axes."""
+  peft = "base_model.model." + base.hf.removesuffix(".weight")
+  in_axes, out_axes = base.logical_axes()[1:1 + base.n_in], base.logical_axes()[1 + base.n_in:]
+  return (Param(base.module, f"{base.name}_lora_a", f"{peft}.lora_A.weight", "", base.shape[:base.n_in] + "R",
+                "linear", base.n_in, axes=(*in_axes, "lora_rank")),
+          Param(base.module, f"{base.name}_lora_b", f"{peft}.lora_B.weight", "", "R" + base.shape[base.n_in:],
+                "linear", 1, axes=("lora_rank", *out_axes)))
+
+
+def target_name(base: Param) -> str:
+  """A decoder matrix's LoRA target name, PEFT's module name: q_proj, k_proj, v_proj, o_proj, gate_proj, ..."""
+  return base.hf.split(".")[-2]
+
+
+# Decoder matrix target name -> (base row, A row, B row).
+LORA_TARGETS = {target_name(p): (p, *_lora_rows(p)) for p in TABLE if p.is_matmul and p.stacked}
+BY_NAME = {(p.module, p.name): p for p in TABLE + tuple(r for _, *ab in LORA_TARGETS.values() for r in ab)}
 
 
 def table(config: LlamaConfig) -> tuple[Param, ...]:

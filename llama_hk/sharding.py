@@ -35,6 +35,7 @@ DEFAULT_RULES = {
     "layers": None,
     "norm": None,
     "head_dim": None,
+    "lora_rank": None,
     "act_batch": ("data", "fsdp"),
     "act_length": None,
     "act_embed": None,
@@ -79,13 +80,14 @@ def _axis_size(mesh: Mesh, mesh_axes) -> int:
   return math.prod(mesh.shape[name] for name in names)
 
 
-def param_specs(config: LlamaConfig, mesh: Mesh, rules=None) -> dict:
-  """PartitionSpecs of the parameter tree, checking that every sharded dimension divides its mesh axes."""
+def param_specs(config: LlamaConfig, mesh: Mesh, rules=None, lora=None) -> dict:
+  """PartitionSpecs of the parameter tree (with `lora`, an ops.lora.LoraConfig: of its adapter tree), checking that
+  every sharded dimension divides its mesh axes."""
   rules = DEFAULT_RULES if rules is None else rules
   specs: dict[str, dict[str, PartitionSpec]] = {}
-  for p in params.table(config):
+  for p in params.table(config) if lora is None else lora.adapter_rows():
     axes = p.logical_axes()
-    shape = p.full_shape(config)
+    shape = p.full_shape(config, None if lora is None else lora.rank)
     for logical, size in zip(axes, shape):
       devices = _axis_size(mesh, rules.get(logical))
       if size % devices:
@@ -96,8 +98,8 @@ def param_specs(config: LlamaConfig, mesh: Mesh, rules=None) -> dict:
   return specs
 
 
-def param_shardings(config: LlamaConfig, mesh: Mesh, rules=None) -> dict:
-  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(config, mesh, rules),
+def param_shardings(config: LlamaConfig, mesh: Mesh, rules=None, lora=None) -> dict:
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(config, mesh, rules, lora),
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 

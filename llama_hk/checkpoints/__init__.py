@@ -1,5 +1,6 @@
 """Reading and writing checkpoints: Hugging Face directories, GGUF files, llama_hk's own format and training
-model_dirs, each a `formats.Format` (hf.py, gguf.py, native.py) found by `formats.detect`.
+model_dirs, each a `formats.Format` (hf.py, gguf.py, native.py) found by `formats.detect`; and PEFT LoRA adapters
+(peft.py) applied to any of them.
 
 Every reader assembles parameters tensor by tensor (leaves.py), on the host, the default device or straight into
 their shards over a mesh, so a load holds the parameters plus one tensor.
@@ -12,11 +13,14 @@ from typing import Any, NamedTuple
 from llama_hk import params
 from llama_hk import sharding
 from llama_hk.checkpoints import formats
+from llama_hk.checkpoints import peft
 from llama_hk.checkpoints.hf import export as export_hf
 from llama_hk.checkpoints.leaves import Placement
 from llama_hk.checkpoints.native import CONFIG_FILE, PARAMS_DIR, TRAINING_CHECKPOINTS_DIR, latest_step, save
 from llama_hk.config import LlamaConfig
+from llama_hk.errors import UserError
 from llama_hk.io_utils import check_output_dir
+from llama_hk.ops import lora as lora_lib
 from llama_hk.tokenizers.tokenizer import Tokenizer
 
 __all__ = ["CONFIG_FILE", "PARAMS_DIR", "TRAINING_CHECKPOINTS_DIR", "Checkpoint", "convert", "detect_kind",
@@ -25,8 +29,9 @@ __all__ = ["CONFIG_FILE", "PARAMS_DIR", "TRAINING_CHECKPOINTS_DIR", "Checkpoint"
 
 class Checkpoint(NamedTuple):
   config: LlamaConfig
-  params: Any  # The Haiku parameter tree (NumPy or jax arrays).
+  params: Any  # The Haiku parameter tree (NumPy or jax arrays); with `lora`, the adapter's leaves beside the base's.
   tokenizer: Tokenizer | None
+  lora: lora_lib.LoraConfig | None = None  # The adapter applied, for `make_forward(config, lora=...)`.
 
 
 def detect_kind(path: str | os.PathLike) -> str:
@@ -50,24 +55,54 @@ def _read(path: pathlib.Path, dtype: str | None, on_device: bool = False, mesh=N
 
 
 def load(path: str | os.PathLike, dtype: str | None = None, on_device: bool = True, mesh=None,
-         **config_overrides) -> Checkpoint:
-  """Loads any checkpoint (parameters in `dtype`, default the stored one).
+         adapter: str | os.PathLike | None = None, **config_overrides) -> Checkpoint:
+  """Loads any checkpoint (parameters in `dtype`, default the stored one), with the PEFT LoRA `adapter` directory
+  applied (not merged: its float32 leaves beside the base's, and `lora` set) when given.
 
   Parameters are assembled on the default device, or sharded over `mesh` by `sharding.param_shardings` (each
   device receiving only its shards), or with on_device=False as NumPy arrays (for export); layer by layer, so
   the peak memory is the parameters plus one tensor. `config_overrides` replace config fields (e.g.
   compute_dtype).
   """
-  config, leaves, tokenizer = _read(pathlib.Path(path), dtype, on_device, mesh)
-  return Checkpoint(config.replace(**config_overrides), params.collect(leaves), tokenizer)
+  path = pathlib.Path(path)
+  adapter = adapter or peft.model_dir_adapter(path)
+  lora, adapter_tree = None, None
+  if adapter is not None:  # Read first: a bad adapter fails before the base is loaded.
+    lora, adapter_tree = peft.read(adapter, load_config(path), base_source=str(path))
+  config, leaves, tokenizer = _read(path, dtype, on_device, mesh)
+  tree = params.collect(leaves)
+  if lora is not None:
+    if on_device:
+      shardings = None if mesh is None else sharding.param_shardings(config, mesh, lora=lora)
+      adapter_tree = params.map_params(
+          lambda row, leaf: sharding.put_global(leaf, shardings and shardings[row.module][row.name]), adapter_tree)
+    tree = lora_lib.combine(tree, adapter_tree)
+  return Checkpoint(config.replace(**config_overrides), tree, tokenizer, lora)
 
 
 def convert(source: str | os.PathLike, output: str | os.PathLike, output_format: str = "llama_hk",
-            dtype: str | None = None) -> None:
-  """Any checkpoint to llama_hk (streamed: one leaf in memory at a time) or to an HF directory."""
+            dtype: str | None = None, adapter: str | os.PathLike | None = None, merge_lora: bool = False) -> None:
+  """Any checkpoint to llama_hk (streamed: one leaf in memory at a time) or to an HF directory, or the LoRA
+  adapter of `adapter` (or of a LoRA training model_dir) alone as a PEFT directory ("peft").
+
+  With `merge_lora`, the adapter is folded into the weights of the llama_hk or HF output.
+  """
   check_output_dir(output)  # Before anything is read.
-  if output_format == "hf":
-    ckpt = load(source, dtype=dtype, on_device=False)
-    export_hf(output, ckpt.config, ckpt.params, ckpt.tokenizer)
+  adapter = adapter or peft.model_dir_adapter(pathlib.Path(source))
+  if (merge_lora or output_format == "peft") and adapter is None:
+    raise UserError(f"--input={source}: has no LoRA adapter (give --adapter=DIR, or a LoRA training model_dir)")
+  if adapter is not None and not merge_lora and output_format != "peft":
+    raise UserError(f"--input={source}: a LoRA adapter applies; add --merge_lora, or use --output_format=peft")
+  if output_format == "peft":
+    ckpt = load(source, dtype=dtype, on_device=False, adapter=adapter)
+    _, adapter_tree = lora_lib.split(ckpt.params, ckpt.lora)
+    peft.write(output, adapter_tree, ckpt.config, ckpt.lora, peft.base_name(adapter))
+  elif merge_lora or output_format == "hf":
+    ckpt = load(source, dtype=dtype, on_device=False, adapter=adapter)
+    tree = lora_lib.merged(ckpt.params, ckpt.lora) if merge_lora else ckpt.params
+    if output_format == "hf":
+      export_hf(output, ckpt.config, tree, ckpt.tokenizer)
+    else:
+      save(output, ckpt.config, tree, ckpt.tokenizer)
   else:
     save(output, *_read(pathlib.Path(source), dtype))

@@ -7,7 +7,7 @@ import os
 import pathlib
 from typing import Any, Iterator, Protocol
 
-from llama_hk.checkpoints import gguf, hf, native
+from llama_hk.checkpoints import gguf, hf, native, peft
 from llama_hk.checkpoints.leaves import Placement
 from llama_hk.config import LlamaConfig
 from llama_hk.errors import UserError
@@ -32,7 +32,23 @@ class Format(Protocol):
     format allows (HF and GGUF read tensor by tensor, via params.iter_params on a name -> array lookup)."""
 
 
-FORMATS: tuple[Format, ...] = (gguf.GgufFile(), native.OwnDir(), native.TrainingDir(), hf.HfDir())
+class LoraTrainingDir(native.TrainingDir):
+  """A LoRA run's model_dir: its config and tokenizer, and the weights of the frozen base its latest adapter names
+  (`checkpoints.load` applies that adapter; peft.model_dir_adapter finds it)."""
+  name = "model_dir"
+
+  def detect(self, path: pathlib.Path) -> bool:
+    return super().detect(path) and peft.model_dir_adapter(path) is not None
+
+  def leaves(self, path: pathlib.Path, config: LlamaConfig, dtype: str | None,
+             placement: Placement) -> Iterator[tuple[str, str, Any]]:
+    base = peft.base_name(peft.model_dir_adapter(path))
+    if not base or not pathlib.Path(base).exists():
+      raise UserError(f"{path}: the base of its LoRA adapter, {base!r}, is not there")
+    return detect(base).leaves(pathlib.Path(base), config, dtype, placement)
+
+
+FORMATS: tuple[Format, ...] = (gguf.GgufFile(), native.OwnDir(), LoraTrainingDir(), native.TrainingDir(), hf.HfDir())
 
 
 def detect(path: str | os.PathLike) -> Format:

@@ -62,7 +62,8 @@ def dry_run_config(checkpoint: str | None):
 # The per-device byte counts a dry-run report may hold, in the order the summary lists them.
 _PER_DEVICE_LABELS = (
     ("params_bytes", "parameters"), ("param_bytes_per_device", "parameters"),
-    ("opt_state_bytes", "optimizer state"), ("kv_cache_bytes_per_device", "KV cache"),
+    ("base_bytes", "frozen base parameters (LoRA)"), ("opt_state_bytes", "optimizer state"),
+    ("state_bytes", "train state in all"), ("kv_cache_bytes_per_device", "KV cache"),
     ("temp_bytes", "compiled temporaries"), ("argument_bytes", "step arguments"), ("output_bytes", "step outputs"),
     ("alias_bytes", "donated (outputs reusing arguments)"))
 

@@ -20,3 +20,9 @@ flags.DEFINE_string("compilation_cache_dir",
                     "~/.cache/llama_hk/jax.")
 
 FLAGS = flags.FLAGS
+
+
+def define_adapter_flag() -> None:
+  """--adapter, for the binaries that apply a LoRA adapter to a checkpoint (bin/eval, bin/generate, bin/convert)."""
+  flags.DEFINE_string("adapter", None, "A PEFT LoRA adapter directory (ours or one `peft` wrote) applied to the "
+                      "checkpoint's model; a LoRA training model_dir applies its latest adapter by itself.")

@@ -10,13 +10,15 @@ Stages, per shard (a process reads its own shards only: one, unless `num_shards`
      by at most one document, so shards reach epoch ends at slightly different steps).
   2. Shuffle the shard's documents with `seed`, anew each epoch (grain reseeds per epoch), repeat `num_epochs`.
   3. Tokenize: `tokenizer.encode(text, add_eos=True)`, so BOS is there when the tokenizer adds it by default and EOS
-     ends every document.
+     ends every document. With `document_format="chat"` a document is a JSONL conversation (data.chat), encoded by
+     the tokenizer's chat template, and its tokens carry `weights`: 1.0 on the assistant's tokens.
   4. Split documents longer than `seq_len` into chunks of `seq_len` tokens. Consecutive chunks share one token (the
      last of one is the first of the next) so that every next-token pair of the document is a target in exactly one
      chunk; each chunk is a segment with positions from 0.
   5. Pack chunks first-fit into rows of `seq_len` (`num_packing_bins` rows at a time, emitted in seeded random order).
   6. Targets: `targets[t] = tokens[t + 1]` where t + 1 is in the same segment, else 0; `loss_mask` is 1.0 exactly
-     there. The model must mask attention by `segment_ids` so no document sees another.
+     there (for chat, and only where token t + 1 is the assistant's). The model must mask attention by
+     `segment_ids` so no document sees another.
   7. Batch `batch_size // num_shards` rows; a process's batch is its shards' batches side by side, in shard order;
      prefetch batches in a background thread.
 
@@ -42,15 +44,32 @@ import grain
 import jax
 import numpy as np
 
+from llama_hk.data import chat
 from llama_hk.data.batch import BATCH_KEYS, empty_batch
 from llama_hk.data.sources import TextSource
 from llama_hk.errors import UserError
 from llama_hk.tokenizers.tokenizer import Tokenizer
 
 
+DOCUMENT_FORMATS = ("text", "chat")
+
+
 def tokenize_document(text: str, tokenizer: Tokenizer) -> np.ndarray:
   """BOS as the tokenizer adds it by default, the text, and EOS."""
   return np.asarray(tokenizer.encode(text, add_eos=True), np.int32)
+
+
+def _tokenize(document_format: str, tokenizer: Tokenizer):
+  """Document -> {"tokens"} (text) or {"tokens", "weights"} (a chat JSONL line, weights 1.0 on the assistant's)."""
+  if document_format not in DOCUMENT_FORMATS:
+    raise UserError(f"document_format={document_format!r}: must be one of {DOCUMENT_FORMATS}")
+  if document_format == "text":
+    return lambda text: {"tokens": tokenize_document(text, tokenizer)}
+
+  def conversation(line: str) -> dict[str, np.ndarray]:
+    tokens, weights = chat.encode(chat.parse_line(line, "chat document"), tokenizer)
+    return {"tokens": tokens, "weights": weights}
+  return conversation
 
 
 def split_document(tokens: np.ndarray, seq_len: int) -> list[np.ndarray]:
@@ -70,6 +89,8 @@ def add_targets(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   targets[:-1] = np.where(next_in_segment, tokens[1:], 0)
   loss_mask = np.zeros(tokens.shape, np.float32)
   loss_mask[:-1] = next_in_segment
+  if "weights" in packed:  # Chat: only the assistant's tokens are targets.
+    loss_mask[:-1] *= packed["weights"][1:]
   return {"tokens": tokens, "positions": packed["tokens_positions"], "segment_ids": segment_ids,
           "targets": targets, "loss_mask": loss_mask}
 
@@ -83,19 +104,21 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
 
 
 def _packed_rows(documents: grain.MapDataset, tokenizer: Tokenizer, seq_len: int, num_packing_bins: int,
-                 seed: int, shuffle_rows: bool, read_threads: int) -> grain.IterDataset:
+                 seed: int, shuffle_rows: bool, read_threads: int, document_format: str) -> grain.IterDataset:
   """Tokenized, chunked and packed rows with targets: stages 3 to 6."""
   if seq_len < 2:
     raise UserError(f"seq_len={seq_len} must be at least 2 (a token and its target)")
   if tokenizer.eos_id is None:
     raise UserError(f"{tokenizer.source}: the tokenizer has no EOS token to end documents with")
-  tokens = documents.map(lambda text: tokenize_document(text, tokenizer))
+  tokenize = _tokenize(document_format, tokenizer)
+  tokens = documents.map(tokenize)
   # Reading threads fetch records and tokenize ahead of the consumer, in a deterministic order. Tokenization holds
   # the GIL, so one thread is usually best; more help only when reading, not tokenizing, is the bottleneck.
   rows = tokens.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads))
   chunks = grain.experimental.FlatMapIterDataset(rows, _SplitDocument(seq_len))
+  keys = ("tokens",) if document_format == "text" else ("tokens", "weights")
   packed = grain.experimental.FirstFitPackIterDataset(
-      chunks, length_struct={"tokens": seq_len}, num_packing_bins=num_packing_bins, seed=seed,
+      chunks, length_struct={key: seq_len for key in keys}, num_packing_bins=num_packing_bins, seed=seed,
       shuffle_bins=shuffle_rows)
   return packed.map(add_targets)
 
@@ -106,8 +129,9 @@ class _SplitDocument(grain.experimental.FlatMapTransform):
   def __init__(self, seq_len: int):
     self._seq_len = seq_len
 
-  def flat_map(self, tokens: np.ndarray) -> list[dict[str, np.ndarray]]:
-    return [{"tokens": chunk} for chunk in split_document(tokens, self._seq_len)]
+  def flat_map(self, document: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    chunks = {key: split_document(value, self._seq_len) for key, value in document.items()}
+    return [{key: chunks[key][k] for key in chunks} for k in range(len(chunks["tokens"]))]
 
 
 def _local_shards(batch_size: int, num_shards: int | None, process_index: int | None,
@@ -127,13 +151,14 @@ def _local_shards(batch_size: int, num_shards: int | None, process_index: int | 
 def make_pipeline(source: TextSource, tokenizer: Tokenizer, seq_len: int, batch_size: int, seed: int = 0,
                   process_index: int | None = None, process_count: int | None = None, num_epochs: int | None = None,
                   num_packing_bins: int = 16, read_threads: int = 1, prefetch_batches: int = 2,
-                  num_shards: int | None = None) -> grain.DatasetIterator:
+                  num_shards: int | None = None, document_format: str = "text") -> grain.DatasetIterator:
   """The training iterator of one process: batches of `batch_size // process_count` packed rows.
 
   process_index, process_count: this process's part (default jax.process_index(), jax.process_count()).
   num_shards: document shards the global batch is drawn from, a multiple of process_count (the default) dividing
     batch_size; fixing it keeps the batches the same on any number of processes that divides it.
-  num_epochs: None repeats forever. The returned iterator has get_state() / set_state() for checkpoints; close() it
+  num_epochs: None repeats forever. document_format: "text", or "chat" (data.chat: JSONL conversations, the loss on
+  the assistant's tokens). The returned iterator has get_state() / set_state() for checkpoints; close() it
   to stop its prefetch thread.
   """
   if not 0 <= seed < 2**32:
@@ -145,7 +170,7 @@ def make_pipeline(source: TextSource, tokenizer: Tokenizer, seq_len: int, batch_
     if not len(documents):
       raise UserError(f"{source.description}: shard {shard} of {num_shards} has no documents")
     rows = _packed_rows(documents.shuffle(seed=seed).repeat(num_epochs), tokenizer, seq_len, num_packing_bins, seed,
-                        shuffle_rows=True, read_threads=read_threads)
+                        shuffle_rows=True, read_threads=read_threads, document_format=document_format)
     shard_batches.append(rows.batch(rows_per_shard, drop_remainder=True))
   # Not strict: with a finite num_epochs the pass ends with this process's shortest shard.
   batches = grain.experimental.ZipIterDataset(shard_batches, strict=False).map(_side_by_side)
@@ -158,7 +183,8 @@ def _side_by_side(batches: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.nd
 
 def eval_batches(source: TextSource, tokenizer: Tokenizer, seq_len: int, batch_size: int,
                  process_index: int | None = None, process_count: int | None = None,
-                 num_packing_bins: int = 16, num_shards: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                 num_packing_bins: int = 16, num_shards: int | None = None,
+                 document_format: str = "text") -> Iterator[dict[str, np.ndarray]]:
   """One in-order pass over this process's shards of a split (`num_shards` as in make_pipeline), packed.
 
   Batch i is each shard's batch i side by side, a shard's last batch padded with empty rows and a shard that has
@@ -168,16 +194,17 @@ def eval_batches(source: TextSource, tokenizer: Tokenizer, seq_len: int, batch_s
   num_shards, rows_per_shard, shards = _local_shards(batch_size, num_shards, process_index, process_count)
   empty = empty_batch(rows_per_shard, seq_len)
   passes = [_eval_shard(grain.MapDataset.source(source)[shard::num_shards], tokenizer, seq_len, rows_per_shard,
-                        num_packing_bins) for shard in shards]
+                        num_packing_bins, document_format) for shard in shards]
   for batches in itertools.zip_longest(*passes, fillvalue=empty):
     yield _side_by_side(batches)
 
 
 def _eval_shard(documents: grain.MapDataset, tokenizer: Tokenizer, seq_len: int, rows: int,
-                num_packing_bins: int) -> Iterator[dict[str, np.ndarray]]:
+                num_packing_bins: int, document_format: str) -> Iterator[dict[str, np.ndarray]]:
   if not len(documents):
     return
-  packed = _packed_rows(documents, tokenizer, seq_len, num_packing_bins, seed=0, shuffle_rows=False, read_threads=1)
+  packed = _packed_rows(documents, tokenizer, seq_len, num_packing_bins, seed=0, shuffle_rows=False, read_threads=1,
+                        document_format=document_format)
   for batch in packed.batch(rows, drop_remainder=False):
     missing = rows - len(batch["tokens"])
     if missing:

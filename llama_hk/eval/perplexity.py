@@ -18,6 +18,7 @@ from llama_hk import sharding
 from llama_hk.config import LlamaConfig
 from llama_hk.data.batch import empty_batch
 from llama_hk.errors import UserError
+from llama_hk.ops.lora import LoraConfig
 from llama_hk.train.metrics import bits_per_byte
 from llama_hk.train.step import make_eval_step
 
@@ -48,8 +49,8 @@ def window_batches(ids: list[int], max_seq_len: int, batch_size: int) -> Iterato
 
 
 @functools.lru_cache(maxsize=None)
-def _eval_step(config: LlamaConfig):
-  return jax.jit(make_eval_step(config))
+def _eval_step(config: LlamaConfig, lora: LoraConfig | None):
+  return jax.jit(make_eval_step(config, lora))
 
 
 def _local_value(x) -> np.ndarray:
@@ -57,10 +58,12 @@ def _local_value(x) -> np.ndarray:
   return np.asarray(x.addressable_data(0))
 
 
-def score(config: LlamaConfig, params, batches: Iterable[dict[str, np.ndarray]], mesh=None) -> tuple[float, float]:
+def score(config: LlamaConfig, params, batches: Iterable[dict[str, np.ndarray]], mesh=None,
+          lora: LoraConfig | None = None) -> tuple[float, float]:
   """(summed NLL in nats, scored tokens) over host batches, the same in every process; with a mesh, params are
-  expected sharded on it and each batch is split over its batch axes."""
-  step = _eval_step(config)
+  expected sharded on it and each batch is split over its batch axes. With `lora`, params hold the adapter beside
+  the base (ops.lora.combine)."""
+  step = _eval_step(config, lora)
   batch_sharding = None if mesh is None else sharding.batch_sharding(mesh)
   total, count = 0.0, 0.0
   with sharding.axis_rules(mesh):
@@ -79,7 +82,7 @@ def _figures(total: float, count: float, num_bytes: int | None) -> dict:
 
 
 def perplexity(config: LlamaConfig, params, ids: list[int], max_seq_len: int, batch_size: int | None = None,
-               num_bytes: int | None = None, source: str = "text", mesh=None) -> dict:
+               num_bytes: int | None = None, source: str = "text", mesh=None, lora: LoraConfig | None = None) -> dict:
   """{"tokens", "nll", "perplexity"} of `ids` under the model, with {"bytes", "bits_per_byte"} given `num_bytes`.
 
   `batch_size` windows go through each forward pass; None: the smallest batch the mesh splits evenly
@@ -95,16 +98,16 @@ def perplexity(config: LlamaConfig, params, ids: list[int], max_seq_len: int, ba
   batch_size = shards if batch_size is None else batch_size
   if batch_size % shards:
     raise UserError(f"--batch_size={batch_size}: must be a multiple of the mesh's data x fsdp size {shards}")
-  total, count = score(config, params, window_batches(ids, max_seq_len, batch_size), mesh)
+  total, count = score(config, params, window_batches(ids, max_seq_len, batch_size), mesh, lora)
   if count == 0:
     raise UserError(f"{source}: no token to score with --max_seq_len={max_seq_len}")
   return _figures(total, count, num_bytes)
 
 
 def split_perplexity(config: LlamaConfig, params, batches: Iterable[dict[str, np.ndarray]], num_bytes: int,
-                     source: str = "split", mesh=None) -> dict:
+                     source: str = "split", mesh=None, lora: LoraConfig | None = None) -> dict:
   """The same figures over packed batches of a dataset split (every document once, documents never mixed)."""
-  total, count = score(config, params, batches, mesh)
+  total, count = score(config, params, batches, mesh, lora)
   if count == 0:
     raise UserError(f"{source}: no token to score")
   return _figures(total, count, num_bytes)

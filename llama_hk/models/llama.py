@@ -14,8 +14,10 @@ does not grow with depth):
   decoder/mlp/{gate_proj, up_proj, down_proj}             (L, D, F), (L, D, F), (L, F, D)
   norm/scale                                              (D,)
   lm_head/w                                               (D, V), absent with tied embeddings
-These are the stored layout's shapes; `make_forward(config, layout=...)` reads the matrix weights in another
-layout (`ops.dense.WeightLayout`) under the same names.
+With a LoRA adapter (`make_forward(config, lora=...)`), each targeted matrix has `{name}_lora_a` (L, in..., r) and
+`{name}_lora_b` (L, r, out...) beside it (ops.lora). These are the stored layout's shapes;
+`make_forward(config, layout=...)` reads the matrix weights in another layout (`ops.dense.WeightLayout`) under the
+same names.
 
 Every product of weights and activations goes through `ops.dense.dense`, every attention through
 `ops.attention.attend` (`config.attention_impl` without a cache, the cached kernels with one).
@@ -32,6 +34,7 @@ from llama_hk import platform, sharding
 from llama_hk.config import LlamaConfig
 from llama_hk.models import kv_cache, rope
 from llama_hk.ops import attention, dense
+from llama_hk.ops.lora import LoraConfig
 
 _INIT = hk.initializers.TruncatedNormal(0.02)  # Hugging Face's `initializer_range` for LLaMA.
 _REMAT_POLICIES = {
@@ -42,18 +45,20 @@ _REMAT_POLICIES = {
 
 
 class _Module(hk.Module):
-  """A module of this model: its config, the layout of its weights, and `dense` bound to both."""
+  """A module of this model: its config, the layout of its weights, its LoRA adapter (or None), and `dense` bound
+  to them."""
 
-  def __init__(self, config: LlamaConfig, layout: dense.WeightLayout = dense.WeightLayout(), name: str | None = None):
+  def __init__(self, config: LlamaConfig, layout: dense.WeightLayout = dense.WeightLayout(),
+               lora: LoraConfig | None = None, name: str | None = None):
     super().__init__(name=name)
-    self.config, self.layout = config, layout
+    self.config, self.layout, self.lora = config, layout, lora
 
   @hk.transparent  # Its weight belongs to the scope it is called in (the module, or `lm_head` in Llama).
   def dense(self, x: jax.Array, spec: str, name: str, **kwargs) -> jax.Array:
     c = self.config
     sizes = {"V": c.vocab_size, "D": c.d_model, "N": c.num_heads, "G": c.num_kv_heads, "K": c.head_dim, "F": c.d_ff}
     return dense.dense(x, spec, name, sizes=sizes, dtype=c.compute_dtype, param_dtype=c.param_dtype, init=_INIT,
-                       layout=self.layout, **kwargs)
+                       layout=self.layout, lora=self.lora, **kwargs)
 
 
 class RMSNorm(_Module):
@@ -107,11 +112,11 @@ class DecoderBlock(_Module):
 
   @hk.transparent
   def __call__(self, x, positions, mask, cache: kv_cache.LayerCache | None = None, cache_end=None):
-    c, layout = self.config, self.layout
-    attn_out, cache = Attention(c, layout, name="attention")(
+    c, layout, lora = self.config, self.layout, self.lora
+    attn_out, cache = Attention(c, layout, lora, name="attention")(
         RMSNorm(c, name="input_norm")(x), positions, mask, cache, cache_end)
     x = x + attn_out  # (B, T, D)
-    x = x + MLP(c, layout, name="mlp")(RMSNorm(c, name="post_attn_norm")(x))  # (B, T, D)
+    x = x + MLP(c, layout, lora, name="mlp")(RMSNorm(c, name="post_attn_norm")(x))  # (B, T, D)
     return sharding.constrain(x, ("act_batch", "act_length", "act_embed")), cache
 
 
@@ -143,7 +148,7 @@ class Llama(_Module):
     mask = attention.attention_mask(segment_ids, cache_end, None if cache is None else cache.k.shape[3])
 
     def block(x, layer_cache):
-      return DecoderBlock(c, self.layout)(x, positions, mask, layer_cache, cache_end)
+      return DecoderBlock(c, self.layout, self.lora)(x, positions, mask, layer_cache, cache_end)
 
     policy = _REMAT_POLICIES[c.remat_policy]
     if policy is not None and cache is None:  # Training's trade of compute for memory; a cached pass decodes.
@@ -164,10 +169,12 @@ class Llama(_Module):
     return logits, cache
 
 
-def make_forward(config: LlamaConfig, *, layout: dense.WeightLayout = dense.WeightLayout()) -> hk.Transformed:
+def make_forward(config: LlamaConfig, *, layout: dense.WeightLayout = dense.WeightLayout(),
+                 lora: LoraConfig | None = None) -> hk.Transformed:
   """The transformed model: `init(rng, tokens)` and
   `apply(params, tokens, positions=None, segment_ids=None, cache=None, logits_at=None) -> (logits, cache)`,
-  its matrix weights read in `layout` (params made by `ops.dense.to_layout(params, layout)`)."""
+  its matrix weights read in `layout` (params made by `ops.dense.to_layout(params, layout)`); with `lora`, params
+  hold the adapter's leaves beside the base's (`ops.lora.combine`)."""
   platform.check_attention_impl(config.attention_impl)
-  return hk.without_apply_rng(hk.transform(lambda *args, **kwargs: Llama(config, layout)(*args, **kwargs)))
+  return hk.without_apply_rng(hk.transform(lambda *args, **kwargs: Llama(config, layout, lora)(*args, **kwargs)))
 

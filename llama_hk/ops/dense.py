@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_hk import params as param_table
+from llama_hk.ops import lora as lora_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +52,7 @@ def to_layout(params: Mapping, layout: WeightLayout) -> Mapping:
 
 def dense(x: jax.Array, spec: str, name: str, *, sizes: Mapping[str, int], dtype, param_dtype,
           init: hk.initializers.Initializer | None = None, layout: WeightLayout = WeightLayout(),
-          weight: jax.Array | None = None, **einsum_kwargs) -> jax.Array:
+          weight: jax.Array | None = None, lora: lora_lib.LoraConfig | None = None, **einsum_kwargs) -> jax.Array:
   """x times the weight `name` as the einsum `spec` says, e.g. "BTD,DNK->BTNK".
 
   The weight is a parameter of the current Haiku module (made here, in `layout`) unless given. `spec` names its
@@ -71,6 +72,7 @@ def dense(x: jax.Array, spec: str, name: str, *, sizes: Mapping[str, int], dtype
     init: a new weight's initializer.
     layout: how the weight is stored.
     weight: an existing 2-D weight to use instead of the parameter `name`.
+    lora: an adapter whose low-rank term is added where it targets `name` (ops.lora); None: none.
     **einsum_kwargs: for jnp.einsum, e.g. preferred_element_type.
   """
   operands, out_axes = spec.split("->")
@@ -103,4 +105,6 @@ def dense(x: jax.Array, spec: str, name: str, *, sizes: Mapping[str, int], dtype
     y = jnp.einsum("MI,OI->MO", x, w, **einsum_kwargs)  # (M, out)
   else:
     y = jnp.einsum("MI,IO->MO", x, w.T, **einsum_kwargs)  # (M, out)
+  if lora is not None and weight is None and name in lora.weight_names:
+    y = y + lora_lib.low_rank(x, name, in_shape, out_shape, lora, dtype)  # (M, out)
   return y.reshape(*lead, *out_shape)

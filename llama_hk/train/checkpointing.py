@@ -2,20 +2,26 @@
 
 Each step directory holds the Orbax items `params`, `opt_state`, `train` (step, rng) and `data` (each process's
 pipeline state), written asynchronously and atomically; the last `keep` are kept. Beside them, `llama_hk.json` and
-the tokenizer files make the model_dir a checkpoint that `checkpoints.load(model_dir)` reads.
+the tokenizer files make the model_dir a checkpoint that `checkpoints.load(model_dir)` reads. A LoRA run's `params`
+are its adapter's, also written as a PEFT directory `adapters/<step>/` whose `base_model_name_or_path` is the
+frozen base (the init checkpoint), which no checkpoint copies.
 """
 
 import json
 import pathlib
+import shutil
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from llama_hk import checkpoints
 from llama_hk import io_utils
+from llama_hk.checkpoints import peft
 from llama_hk.config import LlamaConfig
 from llama_hk.errors import UserError, first_line
+from llama_hk.ops.lora import LoraConfig
 from llama_hk.tokenizers.tokenizer import Tokenizer
 from llama_hk.train.step import TrainState
 
@@ -114,3 +120,21 @@ def write_model_files(model_dir: pathlib.Path, config: LlamaConfig, tokenizer: T
   for name, data in tokenizer.files.items():
     with io_utils.atomic_file(model_dir / name) as tmp:
       tmp.write_bytes(data)
+
+
+def write_adapter(model_dir: pathlib.Path, step: int, adapter, config: LlamaConfig, lora: LoraConfig,
+                  base: str, checkpointer: Checkpointer) -> None:
+  """adapters/<step>/ in PEFT's layout (gathered from every process, written by process 0); adapters of steps
+  whose checkpoint is no longer kept are removed."""
+  adapter = multihost_utils.process_allgather(adapter, tiled=True)
+  if jax.process_index() != 0:
+    return
+  adapters = model_dir / peft.ADAPTERS_DIR
+  target = adapters / str(step)
+  if target.exists():  # A rerun after a kill at this step writes it again.
+    shutil.rmtree(target)
+  peft.write(target, adapter, config, lora, base)
+  kept = set(checkpointer.manager.all_steps()) | {step}
+  for old in adapters.iterdir():
+    if old.name.isdigit() and int(old.name) not in kept:
+      shutil.rmtree(old)

@@ -25,7 +25,7 @@ from llama_hk.tokenizers.tokenizer import Tokenizer
 from llama_hk.train import metrics as metrics_lib
 from llama_hk.train.checkpointing import Checkpointer
 from llama_hk.train.state import global_batch
-from llama_hk.train.step import TrainState
+from llama_hk.train.step import TrainState, model_params
 
 CONFIG_GIN = "config.gin"
 
@@ -158,10 +158,10 @@ class EvalHook(Hook):
 
   def begin(self, step, state):
     if step == 0:
-      self.evaluate(0, state.params)  # The starting point: the before of a before-and-after.
+      self.evaluate(0, model_params(state))  # The starting point: the before of a before-and-after.
 
   def act(self, step, state, metrics):
-    self.evaluate(step, state.params)
+    self.evaluate(step, model_params(state))
 
   def evaluate(self, step: int, params) -> dict:
     with self.stopwatch.paused():  # Evaluation time is not training throughput.
@@ -221,3 +221,15 @@ class CheckpointHook(Hook):
 
   def end(self, step, state):
     self.checkpointer.wait(step)
+
+
+class AdapterHook(Hook):
+  """Writes a LoRA run's adapter as a PEFT directory, model_dir/adapters/<step>/, beside each checkpoint (process
+  0), keeping those of the checkpoints kept; `write(step, adapter)` does the writing."""
+
+  def __init__(self, every: int, last_step: int, write: Callable[[int, object], None]):
+    super().__init__(every, last_step)
+    self.write = write
+
+  def act(self, step, state, metrics):
+    self.write(step, state.params)

@@ -1,5 +1,6 @@
 """Where a run starts and how its state lies on the mesh: the model config, tokenizer and initial TrainState
-(from scratch, from an init checkpoint's params, or restored from model_dir), their shardings, global batches."""
+(from scratch, from an init checkpoint's params, or restored from model_dir; with LoRA, the init checkpoint is the
+frozen base and INIT_ADAPTER may give the adapter), their shardings, global batches."""
 
 import json
 import math
@@ -12,9 +13,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_hk import checkpoints
 from llama_hk import sharding
+from llama_hk.checkpoints import peft
 from llama_hk.config import LlamaConfig
 from llama_hk.data.batch import BATCH_KEYS
 from llama_hk.errors import UserError
+from llama_hk.ops.lora import LoraConfig
 from llama_hk.tokenizers.tokenizer import Tokenizer
 from llama_hk.train.checkpointing import Checkpointer
 from llama_hk.train.step import Optimizer, TrainState, init_state
@@ -59,12 +62,16 @@ def check_model_dir(model_dir: pathlib.Path, config: LlamaConfig) -> None:
 
 
 def starting_point(checkpointer: Checkpointer, model_dir: pathlib.Path, config: LlamaConfig,
-                   init_checkpoint: str | None, tokenizer_dir: str | None) -> tuple[Tokenizer, dict | None]:
+                   init_checkpoint: str | None, tokenizer_dir: str | None,
+                   lora: LoraConfig | None = None) -> tuple[Tokenizer, dict | None]:
   """(tokenizer, initial params or None): model_dir's own when resuming, else the init checkpoint's, else
-  TOKENIZER_DIR's tokenizer and a random init."""
+  TOKENIZER_DIR's tokenizer and a random init. With LoRA the init checkpoint's params are the base, read on a
+  resume too (checkpoints hold what changes)."""
   init_params = None
   if checkpointer.latest_step() is not None:
     tokenizer = Tokenizer.from_dir(model_dir)
+    if lora is not None:
+      init_params = checkpoints.load(init_checkpoint, dtype="float32", on_device=False).params
   elif init_checkpoint:
     loaded = checkpoints.load(init_checkpoint, dtype="float32", on_device=False)
     if loaded.tokenizer is None:
@@ -94,33 +101,56 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def state_shardings(config: LlamaConfig, optimizer: Optimizer, mesh: Mesh) -> TrainState:
-  """TrainState of NamedShardings: params by the mesh rules, AdamW moments like their params, counters replicated."""
-  params = sharding.param_shardings(config, mesh)
-  abstract = jax.eval_shape(lambda: init_state(config, optimizer))
+def init_adapter(path: str | None, config: LlamaConfig, lora: LoraConfig, init_checkpoint: str) -> dict | None:
+  """INIT_ADAPTER's adapter tree (None without one); its rank, alpha and targets must be the run's."""
+  if not path:
+    return None
+  theirs, adapter = peft.read(path, config, base_source=f"INIT_CHECKPOINT={init_checkpoint}")
+  if (theirs.rank, theirs.alpha, set(theirs.targets)) != (lora.rank, lora.alpha, set(lora.targets)):
+    raise UserError(f"INIT_ADAPTER={path}: r={theirs.rank}, lora_alpha={theirs.alpha}, targets "
+                    f"{','.join(theirs.targets)} there; LORA_RANK={lora.rank}, LORA_ALPHA={lora.alpha}, "
+                    f"LORA_TARGETS {','.join(lora.targets)} here")
+  return adapter
+
+
+def state_shardings(config: LlamaConfig, optimizer: Optimizer, mesh: Mesh, lora: LoraConfig | None = None
+                    ) -> TrainState:
+  """TrainState of NamedShardings: params (and a LoRA run's adapter) by the mesh rules, AdamW moments like their
+  params, counters replicated."""
+  params = sharding.param_shardings(config, mesh, lora=lora)
+  abstract = jax.eval_shape(lambda: init_state(config, optimizer, lora=lora))
   opt_state = optax.tree_map_params(optimizer.transform, lambda _, s: s, abstract.opt_state, params,
                                     transform_non_params=lambda _: replicated(mesh))
-  return TrainState(step=replicated(mesh), params=params, opt_state=opt_state, rng=replicated(mesh))
+  base = None if lora is None else sharding.param_shardings(config, mesh)
+  return TrainState(step=replicated(mesh), params=params, opt_state=opt_state, rng=replicated(mesh), base=base)
 
 
-def abstract_state(config: LlamaConfig, optimizer: Optimizer, shardings: TrainState, seed: int) -> TrainState:
+def abstract_state(config: LlamaConfig, optimizer: Optimizer, shardings: TrainState, seed: int,
+                   lora: LoraConfig | None = None) -> TrainState:
   """The state's shapes and dtypes laid out by `shardings`, computed without allocating it."""
-  abstract = jax.eval_shape(lambda: init_state(config, optimizer, seed))
+  abstract = jax.eval_shape(lambda: init_state(config, optimizer, seed, lora=lora))
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def initial_state(checkpointer: Checkpointer, config: LlamaConfig, optimizer: Optimizer, shardings: TrainState,
-                  init_params, seed: int, data) -> tuple[TrainState, int]:
+                  init_params, seed: int, data, lora: LoraConfig | None = None,
+                  adapter=None) -> tuple[TrainState, int]:
   """(state, step): the latest checkpoint in model_dir (and the pipeline's state), else `init_params` or a fresh
-  init from `seed`, at step 0."""
+  init from `seed`, at step 0. With `lora`, `init_params` are the base and `adapter` (or a fresh one) is trained."""
   step = checkpointer.latest_step()
-  if step is not None:
-    return checkpointer.restore(step, abstract_state(config, optimizer, shardings, seed), data), step
   params = None
   if init_params is not None:
-    params = jax.tree.map(sharding.put_global, init_params, shardings.params)
-  init = jax.jit(lambda p: init_state(config, optimizer, seed, p), out_shardings=shardings)
-  return init(params), 0
+    params = jax.tree.map(sharding.put_global, init_params, shardings.base if lora else shardings.params)
+  if step is not None:
+    state = checkpointer.restore(step, abstract_state(config, optimizer, shardings, seed, lora), data)
+    if lora is not None:
+      base = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(lora.base_weights), p), out_shardings=shardings.base)
+      state = state._replace(base=base(params))
+    return state, step
+  if adapter is not None:
+    adapter = jax.tree.map(sharding.put_global, adapter, shardings.params)
+  init = jax.jit(lambda p, a: init_state(config, optimizer, seed, p, lora, a), out_shardings=shardings)
+  return init(params, adapter), 0
 
 
 def global_batch(batch: dict, mesh: Mesh) -> dict:

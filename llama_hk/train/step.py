@@ -23,14 +23,22 @@ from llama_hk.config import LlamaConfig
 from llama_hk.data.batch import BATCH_KEYS
 from llama_hk.errors import UserError
 from llama_hk.models import make_forward
+from llama_hk.ops import lora as lora_lib
 from llama_hk.params import map_params
 
 class TrainState(NamedTuple):
-  """Everything a step changes; a pytree, so it is jitted, sharded, donated and checkpointed whole."""
+  """Everything a step reads; a pytree, so it is jitted, sharded and donated whole. All but `base` is what a step
+  changes and a checkpoint holds."""
   step: jax.Array  # int32 scalar: updates applied so far.
-  params: Any  # The Haiku parameter tree, float32 master weights.
+  params: Any  # The trained parameters, float32 masters: the Haiku parameter tree, or with LoRA the adapter's.
   opt_state: Any  # optax state: AdamW moments shaped like params, and counters.
   rng: jax.Array  # uint32 key data; the model has no stochastic layers, so it is only carried for a resume.
+  base: Any = None  # With LoRA: the frozen base parameters (no gradient, no optimizer state); else None.
+
+
+def model_params(state: TrainState):
+  """The parameter tree the model reads: `params`, or with a frozen base the adapter beside it."""
+  return state.params if state.base is None else lora_lib.combine(state.base, state.params)
 
 
 class Optimizer(NamedTuple):
@@ -70,14 +78,20 @@ def make_optimizer(total_steps: int, peak_learning_rate: float = 3e-4, warmup_st
   return Optimizer(transform, learning_rate)
 
 
-def init_state(config: LlamaConfig, optimizer: Optimizer, seed: int = 0, params=None) -> TrainState:
-  """A fresh state: `params` (e.g. a loaded checkpoint's) or a random initialization from `seed`."""
+def init_state(config: LlamaConfig, optimizer: Optimizer, seed: int = 0, params=None,
+               lora: lora_lib.LoraConfig | None = None, adapter=None) -> TrainState:
+  """A fresh state: `params` (e.g. a loaded checkpoint's) or a random initialization from `seed`; with `lora`,
+  those are the frozen base (in `lora.base_weights`) and `adapter` (or a fresh PEFT-style one) is trained."""
   rng = jax.random.PRNGKey(seed)
   if params is None:
     params = make_forward(config).init(rng, jnp.zeros((1, 2), jnp.int32))
+  base = None
+  if lora is not None:
+    base = jax.tree.map(lambda p: p.astype(lora.base_weights), params)
+    params = lora_lib.init_adapter(jax.random.fold_in(rng, 1), config, lora) if adapter is None else adapter
   params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.transform.init(params),
-                    rng=rng)
+                    rng=rng, base=base)
 
 
 def masked_losses(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array):
@@ -103,14 +117,20 @@ def _micro_batches(batch: dict, count: int) -> dict:
 
 
 def make_train_step(config: LlamaConfig, optimizer: Optimizer, z_loss_weight: float = 0.0,
-                    grad_accum_steps: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """The pure step: batch (B, T) arrays -> the updated state and {"loss", "z_loss", "learning_rate", "grad_norm"}."""
-  forward = make_forward(config)
+                    grad_accum_steps: int = 1, lora: lora_lib.LoraConfig | None = None
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """The pure step: batch (B, T) arrays -> the updated state and {"loss", "z_loss", "learning_rate", "grad_norm"}.
+
+  With `lora`, the gradient is the adapter's only; the base passes through unchanged.
+  """
+  forward = make_forward(config, lora=lora)
 
   def step(state: TrainState, batch: dict):
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
     def objective(params, micro):
+      if lora is not None:
+        params = lora_lib.combine(state.base, params)
       logits, _ = forward.apply(params, micro["tokens"], micro["positions"], micro["segment_ids"])  # (b, T, V)
       nll_sum, z_sum = masked_losses(logits, micro["targets"], micro["loss_mask"])
       loss = nll_sum / total_tokens
@@ -129,14 +149,16 @@ def make_train_step(config: LlamaConfig, optimizer: Optimizer, z_loss_weight: fl
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "z_loss": z_loss, "learning_rate": optimizer.learning_rate(state.step),
                "grad_norm": optax.tree.norm(grads)}
-    return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+    return TrainState(state.step + 1, params, opt_state, state.rng, state.base), metrics
 
   return step
 
 
-def make_eval_step(config: LlamaConfig) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
-  """params, batch -> (summed NLL in nats, scored tokens) over the batch's masked tokens."""
-  forward = make_forward(config)
+def make_eval_step(config: LlamaConfig, lora: lora_lib.LoraConfig | None = None
+                   ) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
+  """params, batch -> (summed NLL in nats, scored tokens) over the batch's masked tokens; with `lora`, params are
+  `ops.lora.combine(base, adapter)`."""
+  forward = make_forward(config, lora=lora)
 
   def step(params, batch):
     logits, _ = forward.apply(params, batch["tokens"], batch["positions"], batch["segment_ids"])
