@@ -8,19 +8,15 @@ AdamW moments of every parameter) and LoRA of the seven projections (the base fr
 train-state bytes of each, and their ratios.
 """
 
-import time
 
-from absl import app
 from absl import flags
-import gin
 import jax
-import numpy as np
 
-from llama_hk import cli
 from llama_hk import config as config_lib
 from llama_hk import sharding
 from llama_hk import train
 from llama_hk.ops.lora import LoraConfig
+import step_timing  # bench/step_timing.py, beside this script.
 
 flags.DEFINE_integer("steps", 5, "Timed steps per side (after two warm-up steps).")
 flags.DEFINE_integer("rank", 8, "LoRA rank.")
@@ -34,27 +30,13 @@ def bench(config, batch, params, lora) -> tuple[float, int]:
   step = jax.jit(train.make_train_step(config, optimizer, lora=lora), donate_argnums=0)
   state = jax.device_put(train.init_state(config, optimizer, params=params, lora=lora))
   state_bytes = sharding.per_device_bytes(state, jax.tree.map(lambda x: x.sharding, state))
-  for _ in range(2):
-    state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for _ in range(FLAGS.steps):
-    state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  return (time.perf_counter() - start) / FLAGS.steps, state_bytes
+  return step_timing.seconds_per_step(step, state, batch, FLAGS.steps), state_bytes
 
 
 def main(argv):
   del argv
-  config = cli.gin_model_config(cli.FLAGS.gin_file, cli.FLAGS.gin_bindings)
-  seq_len, batch_size = gin.query_parameter("%SEQ_LEN"), gin.query_parameter("%BATCH_SIZE")
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, config.vocab_size, (batch_size, seq_len + 1)).astype(np.int32)
-  batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-           "positions": np.tile(np.arange(seq_len, dtype=np.int32), (batch_size, 1)),
-           "segment_ids": np.ones((batch_size, seq_len), np.int32),
-           "loss_mask": np.ones((batch_size, seq_len), np.float32)}
-  params = jax.device_get(train.init_state(config, train.make_optimizer(total_steps=10)).params)
+  config, batch, params = step_timing.bench_model()
+  batch_size, seq_len = batch["tokens"].shape
   lora = LoraConfig(rank=FLAGS.rank, base_weights=FLAGS.base_weights)
   full_seconds, full_bytes = bench(config, batch, params, None)
   lora_seconds, lora_bytes = bench(config, batch, params, lora)
@@ -69,7 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  import sys
-  if not any(a.startswith("--gin_file") for a in sys.argv[1:]):
-    sys.argv.append("--gin_file=gin/bench/train_34m.gin")
-  app.run(main)
+  step_timing.run(main)

@@ -10,17 +10,15 @@ their ratio, and MFU of each against a float32 matmul peak measured in this run 
 
 import time
 
-from absl import app
 from absl import flags
-import gin
 import jax
 import numpy as np
 
-from llama_hk import cli
 from llama_hk import config as config_lib
 from llama_hk import platform
 from llama_hk import train
 from llama_hk.params import params_to_hf
+import step_timing  # bench/step_timing.py, beside this script.
 
 flags.DEFINE_integer("steps", 5, "Timed steps per side (after two warm-up steps).")
 FLAGS = flags.FLAGS
@@ -31,14 +29,7 @@ def bench_jax(config, batch, params) -> float:
   optimizer = train.make_optimizer(total_steps=100, schedule="constant", clip_norm=None, **HYPER)
   step = jax.jit(train.make_train_step(config, optimizer), donate_argnums=0)
   state = train.init_state(config, optimizer, params=params)
-  for _ in range(2):
-    state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for _ in range(FLAGS.steps):
-    state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  return (time.perf_counter() - start) / FLAGS.steps
+  return step_timing.seconds_per_step(step, state, batch, FLAGS.steps)
 
 
 def bench_torch(config, batch, state_dict) -> float:
@@ -49,7 +40,8 @@ def bench_torch(config, batch, state_dict) -> float:
   model = transformers.LlamaForCausalLM(hf_config).float().train()
   model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()})
   no_decay = lambda name: name.endswith("norm.weight") or "embed_tokens" in name
-  groups = [{"params": [p for n, p in model.named_parameters() if not no_decay(n)], "weight_decay": HYPER["weight_decay"]},
+  groups = [{"params": [p for n, p in model.named_parameters() if not no_decay(n)],
+             "weight_decay": HYPER["weight_decay"]},
             {"params": [p for n, p in model.named_parameters() if no_decay(n)], "weight_decay": 0.0}]
   opt = torch.optim.AdamW(groups, lr=HYPER["peak_learning_rate"], betas=(HYPER["b1"], HYPER["b2"]), eps=HYPER["eps"])
   tokens = torch.from_numpy(batch["tokens"]).long()
@@ -72,15 +64,8 @@ def bench_torch(config, batch, state_dict) -> float:
 
 def main(argv):
   del argv
-  config = cli.gin_model_config(cli.FLAGS.gin_file, cli.FLAGS.gin_bindings)
-  seq_len, batch_size = gin.query_parameter("%SEQ_LEN"), gin.query_parameter("%BATCH_SIZE")
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, config.vocab_size, (batch_size, seq_len + 1)).astype(np.int32)
-  batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-           "positions": np.tile(np.arange(seq_len, dtype=np.int32), (batch_size, 1)),
-           "segment_ids": np.ones((batch_size, seq_len), np.int32),
-           "loss_mask": np.ones((batch_size, seq_len), np.float32)}
-  params = jax.device_get(train.init_state(config, train.make_optimizer(total_steps=10)).params)
+  config, batch, params = step_timing.bench_model()
+  batch_size, seq_len = batch["tokens"].shape
   state_dict = params_to_hf(params, config)
   peak = platform.measure_matmul_peak(size=2048, seconds=2.0)
   flops_per_step = train.flops_per_token(config, seq_len) * batch_size * seq_len
@@ -96,7 +81,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  import sys
-  if not any(a.startswith("--gin_file") for a in sys.argv[1:]):
-    sys.argv.append("--gin_file=gin/bench/train_34m.gin")
-  app.run(main)
+  step_timing.run(main)

@@ -18,6 +18,7 @@ from llama_hk.models import make_forward
 from llama_hk.ops import lora as lora_lib
 from llama_hk.params import params_from_hf
 from llama_hk.train import state as state_lib
+from test_train_step import torch_adamw_steps
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # PEFT's default: q, v.
 RANK, ALPHA = 4, 8
@@ -40,26 +41,9 @@ def _batches(vocab: int, count: int, seed: int, batch: int = 2, length: int = 10
 
 
 def _peft_steps(model, batches) -> list[float]:
-  """PEFT's training: AdamW (a fresh one) on the adapter's parameters, optax-style global-norm clipping."""
+  """PEFT's training: AdamW (a fresh one) on the adapter's parameters only."""
   trained = [p for p in model.parameters() if p.requires_grad]
-  opt = torch.optim.AdamW(trained, lr=HYPER["peak_learning_rate"], betas=(HYPER["b1"], HYPER["b2"]),
-                          eps=HYPER["eps"], weight_decay=HYPER["weight_decay"])
-  losses = []
-  for batch in batches:
-    logits = model(input_ids=torch.from_numpy(batch["tokens"]).long()).logits
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.from_numpy(batch["targets"]).long().flatten(),
-                                            reduction="none")
-    mask = torch.from_numpy(batch["loss_mask"]).flatten()
-    loss = (nll * mask).sum() / mask.sum()
-    opt.zero_grad()
-    loss.backward()
-    norm = torch.sqrt(sum((p.grad ** 2).sum() for p in trained))
-    if norm > HYPER["clip_norm"]:
-      for p in trained:
-        p.grad.mul_(HYPER["clip_norm"] / norm)
-    opt.step()
-    losses.append(float(loss.detach()))
-  return losses
+  return torch_adamw_steps(model, [{"params": trained, "weight_decay": HYPER["weight_decay"]}], batches, HYPER)
 
 
 def _peft_adapter(model) -> dict[str, np.ndarray]:

@@ -5,10 +5,8 @@ to one process, the model_dir read back as base + adapter and exported by bin/co
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -19,7 +17,8 @@ from llama_hk.checkpoints import safetensors_io
 from llama_hk import config as config_lib
 from llama_hk.models import make_forward
 from llama_hk.tokenizers.tokenizer import Tokenizer
-from test_train_loop import EIGHT_DEVICES, REPO, _command, _free_port, metrics, run_train, train_losses
+from test_train_loop import (EIGHT_DEVICES, REPO, _command, _free_port, kill_after_checkpoint, metrics, run_train,
+                             train_losses)
 
 MODEL = {"config.LlamaConfig.d_model": 64, "config.LlamaConfig.num_layers": 2, "config.LlamaConfig.num_heads": 8,
          "config.LlamaConfig.num_kv_heads": 4, "config.LlamaConfig.d_ff": 128}
@@ -68,14 +67,7 @@ def test_lora_run_writes_adapters_and_resumes_after_sigkill(tmp_path, lora_args,
   assert saved < 4 * config_lib.num_params(loaded.config) / 2
 
   killed = tmp_path / "killed"
-  process = subprocess.Popen(_command(killed, lora_args, **STEPS), cwd=REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-  deadline = time.time() + 240
-  while not (killed / "checkpoints" / "3" / "commit_success.txt").exists() and process.poll() is None:
-    assert time.time() < deadline
-    time.sleep(0.02)
-  process.send_signal(signal.SIGKILL)
-  assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+  kill_after_checkpoint(_command(killed, lora_args, **STEPS), killed, step=3)
   resumed = run_train(killed, lora_args, **STEPS)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert train_losses(killed) == train_losses(whole)

@@ -237,20 +237,28 @@ def test_run_writes_model_dir_and_evaluates(tmp_path, data_args):
   assert list(tmp_path.glob("events.out.tfevents.*"))
 
 
+def kill_after_checkpoint(command, model_dir, step: int) -> None:
+  """Runs a bin/train command and SIGKILLs it as soon as its checkpoint `step` is committed."""
+  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 240
+    while not (model_dir / "checkpoints" / str(step) / "commit_success.txt").exists() and process.poll() is None:
+      assert time.time() < deadline
+      time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+  finally:
+    process.kill()
+    process.wait()
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_with_identical_losses(tmp_path, data_args):
   steps = dict(TRAIN_STEPS=40, CHECKPOINT_EVERY=5)
   whole = tmp_path / "whole"
   assert run_train(whole, data_args, **steps).returncode == 0
   killed = tmp_path / "killed"
-  process = subprocess.Popen(_command(killed, data_args, **steps), cwd=REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-  deadline = time.time() + 240
-  while not (killed / "checkpoints" / "10" / "commit_success.txt").exists() and process.poll() is None:
-    assert time.time() < deadline
-    time.sleep(0.02)
-  process.send_signal(signal.SIGKILL)
-  assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+  kill_after_checkpoint(_command(killed, data_args, **steps), killed, step=10)
   resumed = run_train(killed, data_args, **steps)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert [step for step, *_ in train_losses(killed)] == list(range(1, 41))
