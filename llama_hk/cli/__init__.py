@@ -101,14 +101,17 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def run(main) -> None:
-  """absl's app.run, with bad input reported as one `error: ...` line on stderr and exit status 1."""
+  """absl's app.run of `main()`, with bad input (arguments that are not flags among it) reported as one
+  `error: ...` line on stderr and exit status 1."""
   sys.argv = _expand_gin_shorthand(sys.argv)
 
   def guarded(argv):
     if not FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)  # Library INFO chatter (XLA, Orbax) hides the results.
     try:
-      return main(argv)
+      if len(argv) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+      return main()
     except UserError as e:  # gin appends "In call to configurable ..." lines; the first line says it all.
       _fail(first_line(e, limit=None))
 
