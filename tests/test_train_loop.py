@@ -44,7 +44,7 @@ def data_args(shakespeare_data_dir, shakespeare_tokenizer_dir, shakespeare_dir) 
 
 
 def _command(model_dir, args, **bindings) -> list[str]:
-  return ([sys.executable, "bin/train", f"--model_dir={model_dir}", "--compilation_cache_dir="] + list(args)
+  return ([sys.executable, "bin/train", f"--model_dir={model_dir}"] + list(args)
           + [f"--gin.{key}={value}" for key, value in bindings.items()])
 
 
