@@ -50,6 +50,7 @@ TEST_REQUIRES = [
     "transformers>=5.0",  # The tests read its v5 API (`dtype=`, `config.rope_parameters`).
     "accelerate>=0.30",  # transformers' GGUF loader needs it.
     "pytest>=8",
+    "pytest-xdist>=3.5",  # README's test command runs two test files at a time (`-n 2 --dist loadfile`).
 ]
 
 setuptools.setup(

@@ -5,6 +5,9 @@ the whole session shares (a converted SmolLM2, one JAX compilation cache for eve
 import os
 import pathlib
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # Two workers share the cores; torch's spinning threads would oversubscribe.
+  os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import jax
 import pytest
 

@@ -1,7 +1,9 @@
 """LoRA against transformers + peft: training steps (torch.optim.AdamW on the adapter), adapters written here loaded
 by `PeftModel.from_pretrained`, adapters trained by peft applied here, and merged exports, in float32."""
 
+import haiku as hk
 import jax
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -68,9 +70,9 @@ def _hf(hf_dir):
   return model.eval()
 
 
-def _peft_model(hf_dir, seed: int = 0):
+def _peft_model(hf_dir, seed: int = 0, dropout: float = 0.0):
   torch.manual_seed(seed)
-  return peft.get_peft_model(_hf(hf_dir), peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+  return peft.get_peft_model(_hf(hf_dir), peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=dropout,
                                                           target_modules=TARGETS, task_type="CAUSAL_LM"))
 
 
@@ -141,16 +143,51 @@ def test_our_adapter_loads_in_peft_and_merges(base, tmp_path):
 @pytest.mark.slow
 def test_peft_trained_adapter_applies_here(base, tmp_path):
   config, _, hf_dir = base
-  model = _peft_model(hf_dir, seed=1)
+  model = _peft_model(hf_dir, seed=1, dropout=0.1)  # Trained with dropout; evaluated (here and there) without.
   model.train()
   _peft_steps(model, _batches(config.vocab_size, 3, seed=2))
   model.eval()
   model.save_pretrained(tmp_path / "peft")
   tokens = np.random.default_rng(6).integers(0, config.vocab_size, (2, 11)).astype(np.int32)
   ckpt = checkpoints.load(hf_dir, adapter=tmp_path / "peft")
-  assert ckpt.lora == lora_lib.LoraConfig(rank=RANK, alpha=ALPHA)
+  assert ckpt.lora == lora_lib.LoraConfig(rank=RANK, alpha=ALPHA, dropout=0.1)
   np.testing.assert_allclose(_our_logits(ckpt.config, ckpt.params, tokens, ckpt.lora), _torch_logits(model, tokens),
                              atol=1e-4, rtol=0)
+
+
+def test_dropout_drops_the_adapter_inputs_as_peft_does():
+  """With A = B = I and alpha = r, the low-rank term is the adapter path's input: PEFT's inverted dropout of x."""
+  p = 0.25
+  lora = lora_lib.LoraConfig(rank=4, alpha=4.0, dropout=p)
+  term = hk.transform(lambda x: lora_lib.low_rank(x, "w", (4,), (4,), lora, jnp.float32))
+  identity = {"~": {"w_lora_a": jnp.eye(4), "w_lora_b": jnp.eye(4)}}
+  x = np.random.default_rng(0).uniform(1.0, 2.0, (8192, 4)).astype(np.float32)
+  dropped = np.asarray(term.apply(identity, jax.random.PRNGKey(1), x))
+  kept = dropped != 0
+  np.testing.assert_allclose(dropped[kept], x[kept] / (1 - p), rtol=1e-6)
+  assert abs((1 - kept.mean()) - p) < 0.01, kept.mean()
+  np.testing.assert_array_equal(term.apply(identity, jax.random.PRNGKey(1), x), dropped)  # A key fixes the mask.
+  assert (np.asarray(term.apply(identity, jax.random.PRNGKey(2), x) != 0) != kept).any()
+  np.testing.assert_array_equal(term.apply(identity, None, x), x)  # No key (inference): nothing dropped.
+
+
+@pytest.mark.slow
+def test_dropout_masks_follow_the_step_key(base):
+  config, params, _ = base
+  plain, dropping = lora_lib.LoraConfig(rank=RANK, alpha=ALPHA), lora_lib.LoraConfig(rank=RANK, alpha=ALPHA,
+                                                                                     dropout=0.5)
+  optimizer = train.make_optimizer(total_steps=4, schedule="constant", **HYPER)
+  batch = _batches(config.vocab_size, 1, seed=4)[0]
+  state = train.init_state(config, optimizer, params=params, lora=plain)
+  trained = {}
+  for lora in (plain, dropping):
+    step = jax.jit(train.make_train_step(config, optimizer, lora=lora))
+    once, _ = step(state, batch)
+    again, _ = step(state, batch)
+    jax.tree.map(np.testing.assert_array_equal, once.params, again.params)  # The step's key fixes the masks.
+    trained[lora.dropout] = once
+  b = [np.asarray(trained[d].params["decoder/attention"]["q_proj_lora_b"]) for d in (0.0, 0.5)]
+  assert np.abs(b[1] - b[0]).max() > 1e-4, "dropout should change the first step's gradient of B"
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
-"""bin/train with gin/runs/lora.gin end to end on a small random 8/4-head base: PEFT adapters beside each checkpoint,
-a SIGKILLed run resumed with identical losses, fsdp x tensor on 8 simulated devices and 2 processes x 2 devices equal
-to one process, the model_dir read back as base + adapter and exported by bin/convert."""
+"""bin/train with gin/runs/lora.gin end to end on a small random 8/4-head base, with dropout: PEFT adapters beside each
+checkpoint, a SIGKILLed run resumed with identical losses (the same dropout masks), fsdp x tensor on 8 simulated
+devices and 2 processes x 2 devices equal to one process, the model_dir read back as base + adapter and exported by
+bin/convert."""
 
 import json
 import os
@@ -36,7 +37,7 @@ def lora_args(shakespeare_data_dir, shakespeare_tokenizer_dir, shakespeare_dir, 
   bindings = {"DATA_DIR": repr(str(shakespeare_data_dir)), "SHAKESPEARE_SOURCE_DIR": repr(str(shakespeare_dir)),
               "INIT_CHECKPOINT": repr(str(base)), "TOKENIZER_DIR": None, "SEQ_LEN": 32, "BATCH_SIZE": 4,
               "WARMUP_STEPS": 1, "LEARNING_RATE": 1e-2, "LOG_EVERY": 1, "EVAL_EVERY": 1000, "EVAL_MAX_BATCHES": 2,
-              "LORA_RANK": 4, **MODEL}
+              "LORA_RANK": 4, "LORA_DROPOUT": 0.1, **MODEL}
   return (["--gin_file=gin/tiny.gin", "--gin_file=gin/runs/lora.gin"]
           + [f"--gin.{key}={value}" for key, value in bindings.items()])
 
@@ -55,7 +56,8 @@ def test_lora_run_writes_adapters_and_resumes_after_sigkill(tmp_path, lora_args,
   whole = whole_run
   assert sorted(p.name for p in (whole / "adapters").iterdir()) == ["3", "6"]
   fields = json.loads((whole / "adapters" / "6" / "adapter_config.json").read_text())
-  assert (fields["peft_type"], fields["task_type"], fields["r"], fields["lora_alpha"]) == ("LORA", "CAUSAL_LM", 4, 16)
+  assert (fields["peft_type"], fields["task_type"], fields["r"], fields["lora_alpha"], fields["lora_dropout"]) == (
+      "LORA", "CAUSAL_LM", 4, 16, 0.1)
   assert len(fields["target_modules"]) == 7 and pathlib.Path(fields["base_model_name_or_path"]).is_dir()
   records = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
   before, after = [r for r in records if "eval_loss" in r]

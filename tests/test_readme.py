@@ -10,8 +10,9 @@ and within the budget is all the test changes:
 - bin/train and bin/train_tokenizer get `--gin.` overrides appended that shorten them (bin/generate a smaller
   --max_new_tokens), and a command whose gin files read the Shakespeare corpus reads ../shared's copy
   (SHAKESPEARE_SOURCE_DIR) rather than fetching it;
-- the inputs are small: lear.txt is the play's first lines, and the converted SmolLM2 that the examples name is
-  the session's (when no earlier command made it).
+- the inputs are small: lear.txt is the play's first lines, the converted SmolLM2 that the examples name is the
+  session's (when no earlier command made it), and the prepared Shakespeare TFDS directory (the gin files'
+  DATA_DIR) starts as a copy of the session's, so that the commands which only read it do not wait for one another.
 A command that cannot run unattended ends with `# (not run by tests/test_readme.py)` in README, and is skipped.
 Commands that name no common /tmp path do not depend on each other, and run side by side.
 """
@@ -21,6 +22,7 @@ import itertools
 import os
 import pathlib
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -133,16 +135,21 @@ def workspace(tmp_path_factory) -> pathlib.Path:
   return work
 
 
+TFDS_DIR = "llama_hk/tfds"  # The gin files' DATA_DIR under /tmp: prepared before any command runs, then only read.
+
+
 def _groups(prepared: dict[int, str], work: pathlib.Path) -> list[list[int]]:
-  """README lines joined when their commands name a common /tmp path (one writes what another reads)."""
+  """README lines joined when their commands name a common /tmp path (one writes what another reads), the groups
+  of most commands first."""
   groups: list[tuple[set[str], list[int]]] = []
   for line, command in prepared.items():
-    names, lines = set(re.findall(rf"{re.escape(str(work))}/tmp/([\w.-]+)", command)), [line]
+    names = set(re.findall(rf"{re.escape(str(work))}/tmp/([\w.-]+(?:/[\w.-]+)*)", command)) - {TFDS_DIR}
+    lines = [line]
     for group in [g for g in groups if g[0] & names]:
       groups.remove(group)
       names, lines = names | group[0], group[1] + lines
     groups.append((names, sorted(lines)))
-  return [lines for _, lines in groups]
+  return sorted((lines for _, lines in groups), key=len, reverse=True)
 
 
 def _run(command: str, work: pathlib.Path) -> tuple[subprocess.CompletedProcess, float]:
@@ -158,6 +165,8 @@ def runs(workspace, request) -> dict[int, tuple[str, subprocess.CompletedProcess
   """Every runnable command, run once: README line -> (the command as run, its process, seconds). Groups that share
   no /tmp path run side by side (two at a time, as the machine has two cores), each in README order."""
   prepared = {c.line: prepare(c.text, workspace) for c in COMMANDS if not c.text.endswith(SKIP_MARK)}
+  if any(f"{workspace}/tmp/{TFDS_DIR}" in p for p in prepared.values()):
+    shutil.copytree(request.getfixturevalue("shakespeare_data_dir"), workspace / "tmp" / TFDS_DIR)
   converted = str(workspace / "tmp" / "smollm2")
   if (any(re.search(rf"=({re.escape(converted)})(\s|$)", p) for p in prepared.values())
       and not any(f"--output={converted} " in f"{p} " for p in prepared.values())):  # No command converts it.

@@ -70,15 +70,13 @@ def sharded_logit_diffs(checkpoint, meshes, batch=8):
 
 @pytest.mark.slow
 def test_real_model_sharded_logits_equal_one_device(smollm2_llama_hk):
-  # SmolLM2: 9 query / 3 key-value heads, d_model 576: tensor parallelism over 3 devices, FSDP over 8.
-  diffs = sharded_logit_diffs(smollm2_llama_hk, {"fsdp": [1, 8, 1], "data": [8, 1, 1], "data_fsdp": [2, 4, 1],
-                                                 "tensor": [1, 1, 3], "fsdp_tensor": [1, 2, 3]})
-  for name in ("fsdp", "data", "data_fsdp"):
-    assert diffs[name]["max_abs"] <= 1e-5, (name, diffs)
+  # SmolLM2: 9 query / 3 key-value heads, d_model 576: FSDP over 8 devices, and rows over 2 with the heads over 3
+  # (the random model below covers the other mesh shapes).
+  diffs = sharded_logit_diffs(smollm2_llama_hk, {"fsdp": [1, 8, 1], "data_tensor": [2, 1, 3]})
+  assert diffs["fsdp"]["max_abs"] <= 1e-5, diffs
   # Tensor parallelism reorders the float32 sums over heads and the MLP hidden: equal up to rounding.
-  for name in ("tensor", "fsdp_tensor"):
-    assert diffs[name]["max_abs"] <= 1e-5 * diffs[name]["max_logit"], (name, diffs)
-  assert diffs["fsdp"]["devices"] == 8 and diffs["tensor"]["devices"] == 3
+  assert diffs["data_tensor"]["max_abs"] <= 1e-5 * diffs["data_tensor"]["max_logit"], diffs
+  assert diffs["fsdp"]["devices"] == 8 and diffs["data_tensor"]["devices"] == 6
 
 
 @pytest.mark.slow
@@ -97,7 +95,7 @@ def sharded_generations(checkpoint, meshes, max_new_tokens=16):
 @pytest.mark.slow
 def test_real_model_sharded_generate_equals_one_device(smollm2_llama_hk):
   # Three prompts of 5, 14 and 5 tokens in a batch of 4 rows; 16 greedy tokens each.
-  runs = sharded_generations(smollm2_llama_hk, {"fsdp": [1, 8, 1], "tensor": [1, 1, 3], "data_fsdp": [2, 4, 1]})
+  runs = sharded_generations(smollm2_llama_hk, {"tensor": [1, 1, 3], "data_fsdp": [2, 4, 1]})
   one = runs.pop("one")
   assert len(set(one["prompt_lengths"])) > 1 and [len(ids) for ids in one["ids"]] == [16] * 3, one
   assert one["cache_shape"] == [30, 4, 3, 32, 64] and one["decode_calls"] == 15, one
@@ -105,7 +103,6 @@ def test_real_model_sharded_generate_equals_one_device(smollm2_llama_hk):
     assert r["ids"] == one["ids"], (name, r["ids"], one["ids"])
   # The KV cache (L, B, G, S, K): rows replicated where data x fsdp does not divide 4 rows, else split over data;
   # heads split over tensor.
-  assert runs["fsdp"]["cache_shard_shapes"] == [[30, 4, 3, 32, 64]] and runs["fsdp"]["param_shards"] == 8
   assert runs["tensor"]["cache_shard_shapes"] == [[30, 4, 1, 32, 64]] and runs["tensor"]["param_shards"] == 3
   assert runs["data_fsdp"]["cache_shard_shapes"] == [[30, 2, 3, 32, 64]] and runs["data_fsdp"]["param_shards"] == 4
 

@@ -326,15 +326,33 @@ def test_two_processes_train_like_one(tmp_path, data_args):
   assert checkpoints.latest_step(tmp_path / "two") == 4
 
 
+LORA_7B = dict(TRAIN_STEPS=1000, INIT_CHECKPOINT=None, LORA_BASE_WEIGHTS="'bfloat16'")  # No base read: a dry run.
+
+
 @pytest.mark.slow
-def test_dry_run_7b_on_eight_devices_reports_memory(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora_bfloat16_base"])
+def test_dry_run_7b_on_eight_devices_reports_memory(tmp_path, lora):
   # DATA_DIR and TOKENIZER_DIR, required to train, are left unset: a dry run reads neither.
-  result = run_train(tmp_path / "unused", ["--gin_file=gin/7b.gin", "--dry_run"], env=EIGHT_DEVICES, BATCH_SIZE=8)
+  args, bindings = ["--gin_file=gin/7b.gin", "--dry_run"], dict(BATCH_SIZE=8)
+  if lora:
+    args, bindings = args + ["--gin_file=gin/runs/lora.gin"], {**bindings, **LORA_7B}
+  result = run_train(tmp_path / "unused", args, env=EIGHT_DEVICES, **bindings)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "per-device memory" in result.stderr  # The summary; stdout ends with the report as JSON.
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report["devices"] == 8 and report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
-  assert report["params_bytes"] == pytest.approx(6_738_415_616 * 4 / 8, rel=1e-3)  # float32, sharded 8 ways.
+  params = 6_738_415_616
+  if not lora:
+    assert report["params_bytes"] == pytest.approx(params * 4 / 8, rel=1e-3)  # float32, sharded 8 ways.
+  else:
+    assert report["base_bytes"] == pytest.approx(params * 2 / 8, rel=1e-3)  # bfloat16, sharded 8 ways.
+    # Rank 8 on the seven projections of 32 layers, float32. An axis of d_model splits 8 ways (fsdp); heads, d_ff
+    # and the rank do not. A: (D, r) of q, k, v, gate, up split; (N*K, r) of o and (F, r) of down whole.
+    # B: (r, D) of o and down split; those of q, k, v (N*K = D wide), gate and up (F) whole.
+    d, f, r = 4096, 11008, 8
+    per_layer = (5 * d * r / 8 + (d + f) * r) + (2 * d * r / 8 + (3 * d + 2 * f) * r)
+    assert report["params_bytes"] == 4 * 32 * per_layer
+    assert report["state_bytes"] <= 0.2 * (3 * 4 * params / 8)  # Full fine-tuning: masters and two moments.
   assert report["opt_state_bytes"] == pytest.approx(2 * report["params_bytes"], rel=1e-3)
   assert not (tmp_path / "unused").exists()
 

@@ -174,7 +174,12 @@ def make_forward(config: LlamaConfig, *, layout: dense.WeightLayout = dense.Weig
   """The transformed model: `init(rng, tokens)` and
   `apply(params, tokens, positions=None, segment_ids=None, cache=None, logits_at=None) -> (logits, cache)`,
   its matrix weights read in `layout` (params made by `ops.dense.to_layout(params, layout)`); with `lora`, params
-  hold the adapter's leaves beside the base's (`ops.lora.combine`)."""
+  hold the adapter's leaves beside the base's (`ops.lora.combine`), and an adapter with dropout takes
+  `apply(..., dropout_rng=key)` (None: no dropout)."""
   platform.check_attention_impl(config.attention_impl)
-  return hk.without_apply_rng(hk.transform(lambda *args, **kwargs: Llama(config, layout, lora)(*args, **kwargs)))
+  transformed = hk.transform(lambda *args, **kwargs: Llama(config, layout, lora)(*args, **kwargs))
+  if lora is None or not lora.dropout:
+    return hk.without_apply_rng(transformed)
+  return hk.Transformed(transformed.init, lambda params, *args, dropout_rng=None, **kwargs: transformed.apply(
+      params, dropout_rng, *args, **kwargs))
 

@@ -4,7 +4,9 @@ the adapter tree beside a frozen base.
 A LoRA forward is `make_forward(config, lora=LoraConfig(...))`: each targeted decoder matrix W computes
 x W + (x A) B * alpha / r, PEFT's formulation, with A and B parameters beside W in its module (the parameter table's
 `*_lora_a` and `*_lora_b` rows). Without `lora` the model's computation is unchanged. Adapters are float32 whatever
-the base's dtype.
+the base's dtype. With `dropout` p > 0, training drops each input of the adapter's path with probability p and scales
+the rest by 1 / (1 - p), as PEFT's `lora_dropout` does (the base path sees x whole), a fresh mask for each target;
+the key comes from the forward's `dropout_rng`, and without one (evaluation, generation) nothing is dropped.
 """
 
 import dataclasses
@@ -43,8 +45,8 @@ class LoraConfig:
     if unknown or not self.targets:
       raise UserError(f"LORA_TARGETS: {', '.join(unknown) or 'empty'} is not a target module (choose from "
                       f"{', '.join(param_table.LORA_TARGETS)})")
-    if self.dropout != 0.0:
-      raise UserError(f"LORA_DROPOUT={self.dropout}: only 0.0 is supported")
+    if not 0.0 <= self.dropout < 1.0:
+      raise UserError(f"LORA_DROPOUT={self.dropout}: must be in [0, 1)")
     if self.base_weights not in BASE_WEIGHTS:
       raise UserError(f"LORA_BASE_WEIGHTS={self.base_weights!r} is not one of {BASE_WEIGHTS}")
 
@@ -76,6 +78,10 @@ def low_rank(x: jax.Array, name: str, in_shape: tuple[int, ...], out_shape: tupl
   """(x A) B * alpha / r for x (M, in), A and B the current module's parameters `{name}_lora_a`, `{name}_lora_b`."""
   a = hk.get_parameter(f"{name}_lora_a", [*in_shape, lora.rank], jnp.float32, init=_kaiming_uniform)
   b = hk.get_parameter(f"{name}_lora_b", [lora.rank, *out_shape], jnp.float32, init=jnp.zeros)
+  key = hk.maybe_next_rng_key() if lora.dropout else None
+  if key is not None:
+    keep = jax.random.bernoulli(key, 1.0 - lora.dropout, x.shape)  # (M, in)
+    x = jnp.where(keep, x / (1.0 - lora.dropout), 0.0).astype(x.dtype)  # (M, in)
   down = jnp.einsum("MI,IR->MR", x, a.reshape(-1, lora.rank).astype(dtype))  # (M, r)
   return jnp.einsum("MR,RO->MO", down, b.reshape(lora.rank, -1).astype(dtype)) * lora.scaling  # (M, out)
 

@@ -32,7 +32,7 @@ class TrainState(NamedTuple):
   step: jax.Array  # int32 scalar: updates applied so far.
   params: Any  # The trained parameters, float32 masters: the Haiku parameter tree, or with LoRA the adapter's.
   opt_state: Any  # optax state: AdamW moments shaped like params, and counters.
-  rng: jax.Array  # uint32 key data; the model has no stochastic layers, so it is only carried for a resume.
+  rng: jax.Array  # uint32 key data: LoRA dropout's masks are drawn from it folded with the step (a resume redraws them).
   base: Any = None  # With LoRA: the frozen base parameters (no gradient, no optimizer state); else None.
 
 
@@ -128,10 +128,14 @@ def make_train_step(config: LlamaConfig, optimizer: Optimizer, z_loss_weight: fl
   def step(state: TrainState, batch: dict):
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
-    def objective(params, micro):
+    def objective(params, micro, micro_index=0):
+      kwargs = {}
       if lora is not None:
         params = lora_lib.combine(state.base, params)
-      logits, _ = forward.apply(params, micro["tokens"], micro["positions"], micro["segment_ids"])  # (b, T, V)
+        if lora.dropout:
+          kwargs["dropout_rng"] = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), micro_index)
+      logits, _ = forward.apply(params, micro["tokens"], micro["positions"], micro["segment_ids"],
+                                **kwargs)  # (b, T, V)
       nll_sum, z_sum = masked_losses(logits, micro["targets"], micro["loss_mask"])
       loss = nll_sum / total_tokens
       return loss + z_loss_weight * z_sum / total_tokens, (loss, z_sum / total_tokens)
@@ -140,11 +144,12 @@ def make_train_step(config: LlamaConfig, optimizer: Optimizer, z_loss_weight: fl
     if grad_accum_steps == 1:
       grads, (loss, z_loss) = grad_fn(state.params, batch)
     else:
-      def accumulate(carry, micro):
-        grads, (loss, z_loss) = grad_fn(state.params, micro)
+      def accumulate(carry, indexed):
+        grads, (loss, z_loss) = grad_fn(state.params, *indexed)
         return jax.tree.map(jnp.add, carry, (grads, loss, z_loss)), None
       zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
-      (grads, loss, z_loss), _ = jax.lax.scan(accumulate, zeros, _micro_batches(batch, grad_accum_steps))
+      micro_batches = (_micro_batches(batch, grad_accum_steps), jnp.arange(grad_accum_steps))
+      (grads, loss, z_loss), _ = jax.lax.scan(accumulate, zeros, micro_batches)
     updates, opt_state = optimizer.transform.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "z_loss": z_loss, "learning_rate": optimizer.learning_rate(state.step),
