@@ -1,6 +1,6 @@
-"""The reference material made from ../shared once per machine: an HF copy of the SmolLM2 GGUF made by transformers.
-
-Imported by tests/conftest.py and bench/generate.py, so both compare against the same files.
+"""The references tests compare with that are not a transformers model call: an HF copy of the SmolLM2 GGUF made by
+transformers once per machine (imported by tests/conftest.py and bench/generate.py, so both compare against the same
+files), and torch.optim.AdamW training of a transformers model.
 """
 
 import os
@@ -48,3 +48,29 @@ def smollm2_hf_dir(gguf: pathlib.Path = SMOLLM2_GGUF, cache: pathlib.Path = CACH
     if not (out / "model.safetensors").exists():
       raise
   return out
+
+
+def torch_adamw_steps(model, groups, batches, hyper) -> list[float]:
+  """The reference training: torch.optim.AdamW over parameter `groups` (each with its weight_decay), the masked
+  mean next-token loss, optax-style global-norm clipping; one step a batch. Returns the losses."""
+  import torch
+
+  trained = [p for group in groups for p in group["params"]]
+  opt = torch.optim.AdamW(groups, lr=hyper["peak_learning_rate"], betas=(hyper["b1"], hyper["b2"]), eps=hyper["eps"])
+  losses = []
+  for batch in batches:
+    logits = model(input_ids=torch.from_numpy(batch["tokens"]).long()).logits  # Padding at row ends: causal suffices.
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.from_numpy(batch["targets"]).long().flatten(),
+                                            reduction="none")
+    mask = torch.from_numpy(batch["loss_mask"]).flatten()
+    loss = (nll * mask).sum() / mask.sum()
+    opt.zero_grad()
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad ** 2).sum() for p in trained))
+    # optax's clip: scale by clip / norm when the norm exceeds it (torch's clip_grad_norm_ adds 1e-6 to the norm).
+    if norm > hyper["clip_norm"]:
+      for p in trained:
+        p.grad.mul_(hyper["clip_norm"] / norm)
+    opt.step()
+    losses.append(float(loss.detach()))
+  return losses

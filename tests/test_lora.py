@@ -20,7 +20,7 @@ from llama_hk.models import make_forward
 from llama_hk.ops import lora as lora_lib
 from llama_hk.params import params_from_hf
 from llama_hk.train import state as state_lib
-from test_train_step import torch_adamw_steps
+import reference
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # PEFT's default: q, v.
 RANK, ALPHA = 4, 8
@@ -45,7 +45,7 @@ def _batches(vocab: int, count: int, seed: int, batch: int = 2, length: int = 10
 def _peft_steps(model, batches) -> list[float]:
   """PEFT's training: AdamW (a fresh one) on the adapter's parameters only."""
   trained = [p for p in model.parameters() if p.requires_grad]
-  return torch_adamw_steps(model, [{"params": trained, "weight_decay": HYPER["weight_decay"]}], batches, HYPER)
+  return reference.torch_adamw_steps(model, [{"params": trained, "weight_decay": HYPER["weight_decay"]}], batches, HYPER)
 
 
 def _peft_adapter(model) -> dict[str, np.ndarray]:

@@ -4,9 +4,7 @@ devices and 2 processes x 2 devices equal to one process, the model_dir read bac
 bin/convert."""
 
 import json
-import os
 import pathlib
-import subprocess
 import sys
 
 import jax
@@ -18,8 +16,8 @@ from llama_hk.checkpoints import safetensors_io
 from llama_hk import config as config_lib
 from llama_hk.models import make_forward
 from llama_hk.tokenizers.tokenizer import Tokenizer
-from test_train_loop import (EIGHT_DEVICES, REPO, _command, _free_port, kill_after_checkpoint, metrics, run_train,
-                             train_losses)
+from harness import (EIGHT_DEVICES, devices, kill_after_checkpoint, metrics, run_children, run_group, run_train,
+                     train_command, train_losses)
 
 MODEL = {"config.LlamaConfig.d_model": 64, "config.LlamaConfig.num_layers": 2, "config.LlamaConfig.num_heads": 8,
          "config.LlamaConfig.num_kv_heads": 4, "config.LlamaConfig.d_ff": 128}
@@ -69,14 +67,14 @@ def test_lora_run_writes_adapters_and_resumes_after_sigkill(tmp_path, lora_args,
   assert saved < 4 * config_lib.num_params(loaded.config) / 2
 
   killed = tmp_path / "killed"
-  kill_after_checkpoint(_command(killed, lora_args, **STEPS), killed, step=3)
+  kill_after_checkpoint(train_command(killed, lora_args, **STEPS), killed, step=3)
   resumed = run_train(killed, lora_args, **STEPS)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert train_losses(killed) == train_losses(whole)
 
   out = tmp_path / "peft"
-  converted = subprocess.run([sys.executable, "bin/convert", f"--input={whole}", f"--output={out}",
-                              "--output_format=peft"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  [converted] = run_children([([sys.executable, "bin/convert", f"--input={whole}", f"--output={out}",
+                                 "--output_format=peft"], None)], timeout=120)
   assert converted.returncode == 0, converted.stderr[-2000:]
   assert (out / "adapter_model.safetensors").read_bytes() == (
       whole / "adapters" / "6" / "adapter_model.safetensors").read_bytes()
@@ -96,20 +94,14 @@ def test_lora_sharded_fsdp_tensor_equals_one_device(tmp_path, lora_args, whole_r
 def test_lora_two_processes_train_like_one(tmp_path, lora_args):
   args = lora_args + ["--gin_file=gin/sharding/fsdp.gin", "--gin.NUM_SHARDS=2"]
   steps = dict(TRAIN_STEPS=3, CHECKPOINT_EVERY=3)
-  coordinator = [f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2"]
-  commands = [(_command(tmp_path / "one", args, **steps), 4)] + [
-      (_command(tmp_path / "two", args + coordinator + [f"--process_id={i}"], **steps), 2) for i in range(2)]
-  processes = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
-               for command, devices in commands]
-  try:
-    outputs = [p.communicate(timeout=300) for p in processes]
-  finally:
-    for p in processes:
-      p.kill()
-      p.wait()
-  for process, (_, err) in zip(processes, outputs):
-    assert process.returncode == 0, err[-3000:]
+
+  def commands(port):
+    two = args + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+    return [(train_command(tmp_path / "one", args, **steps), devices(4))] + [
+        (train_command(tmp_path / "two", two + [f"--process_id={i}"], **steps), devices(2)) for i in range(2)]
+
+  for result in run_group(commands, timeout=300):
+    assert result.returncode == 0, result.stderr[-3000:]
   single, multi = metrics(tmp_path / "one"), metrics(tmp_path / "two")
   assert len(multi) == len(single)
   for a, b in zip(multi, single):

@@ -23,13 +23,15 @@ import os
 import pathlib
 import re
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import time
 from concurrent import futures
 
 import pytest
+
+import harness
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -71,12 +73,6 @@ def readme_commands(text: str) -> list[Command]:
 COMMANDS = readme_commands((REPO / "README.md").read_text())
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _gin_stack(gin_file: str) -> list[pathlib.Path]:
   """A gin file and the files it includes, transitively (paths as the binaries resolve them from a checkout)."""
   files, pending = [], [REPO / gin_file]
@@ -105,7 +101,7 @@ def prepare(command: str, work: pathlib.Path) -> str:
   command = re.sub(r"\s+#[^'\"]*$", "", command)  # A trailing comment; overrides go after the last argument.
   command = re.sub(r"\s*\[[^\]]*\]", "", command)
   command = re.sub(r"(?<![\w.])/tmp/", f"{work}/tmp/", command)
-  command = re.sub(r"localhost:\d+", lambda _: f"localhost:{_free_port()}", command)
+  command = re.sub(r"localhost:\d+", lambda _: f"localhost:{harness.free_port()}", command)
   segments = []
   for segment in command.split(" && "):
     if segment.startswith(INSTALL_STEPS):
@@ -153,11 +149,20 @@ def _groups(prepared: dict[int, str], work: pathlib.Path) -> list[list[int]]:
 
 
 def _run(command: str, work: pathlib.Path) -> tuple[subprocess.CompletedProcess, float]:
+  """The command under bash in its own process group, which is killed whole on the way out (its `&` jobs too)."""
   env = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
   start = time.perf_counter()
-  result = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=work, env=env, capture_output=True,
-                          text=True, timeout=600, stdin=subprocess.DEVNULL)
-  return result, time.perf_counter() - start
+  process = subprocess.Popen(["bash", "-o", "pipefail", "-c", command], cwd=work, env=env, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+  try:
+    out, err = process.communicate(timeout=600)
+  finally:
+    try:
+      os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # The group is gone: every process in it has exited.
+      pass
+    process.wait()
+  return subprocess.CompletedProcess(process.args, process.returncode, out, err), time.perf_counter() - start
 
 
 @pytest.fixture(scope="module")

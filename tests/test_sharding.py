@@ -6,10 +6,6 @@ device count is fixed once JAX starts.
 """
 
 import json
-import os
-import pathlib
-import socket
-import subprocess
 import sys
 
 import jax
@@ -21,8 +17,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llama_hk import sharding
 from llama_hk.config import LlamaConfig, num_params
 from llama_hk.errors import UserError
+from harness import REPO, devices, run_children, run_group
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "tests" / "sharding_scripts"
 
 
@@ -50,11 +46,10 @@ def test_sharding_helpers_on_one_device():
   assert sharding.per_device_bytes(abstract, {"a": replicated, "b": replicated}) == 4 * 6 * 2 + 3 * 4
 
 
-def run(args, devices=8, **kwargs):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_DEFAULT_MATMUL_PRECISION="highest")
-  return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env, cwd=REPO,
-                        timeout=600, **kwargs)
+def run(args, device_count=8):
+  [result] = run_children([([sys.executable, *args], {**devices(device_count), "JAX_DEFAULT_MATMUL_PRECISION":
+                                                       "highest"})], timeout=600)
+  return result
 
 
 def run_on_meshes(script, checkpoint, meshes, *args):
@@ -154,12 +149,6 @@ def test_dry_run_7b_reports_per_device_bytes(binary, sharding_gin):
     assert report["kv_cache_batch_axes"] == (["fsdp"] if sharding_gin == "fsdp" else []), report
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_eval_without_batch_size_fits_the_mesh(tiny_hf_model, write_tiny_gguf, shakespeare_dir, tmp_path):
   """No --batch_size on 8 devices (FSDP): the smallest batch the mesh splits, 8 windows, scoring as one device."""
@@ -168,7 +157,7 @@ def test_eval_without_batch_size_fits_the_mesh(tiny_hf_model, write_tiny_gguf, s
   text = tmp_path / "text.txt"
   text.write_text((shakespeare_dir / "lovers_complaint.txt").read_text()[:3000])
   args = [REPO / "bin" / "eval", f"--checkpoint={checkpoint}", f"--text_file={text}", "--max_seq_len=64"]
-  one, eight = run(args, devices=1), run([*args, "--gin_file=gin/sharding/fsdp.gin"], devices=8)
+  one, eight = run(args, device_count=1), run([*args, "--gin_file=gin/sharding/fsdp.gin"], device_count=8)
   for result in (one, eight):
     assert result.returncode == 0, result.stderr[-3000:]
   one, eight = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (one, eight))
@@ -186,14 +175,12 @@ def test_two_processes_eval_like_one(smollm2_llama_hk, shakespeare_dir, tmp_path
           "--gin_file=gin/sharding/fsdp.gin"]
   single = run(args)
   assert single.returncode == 0, single.stderr[-2000:]
-  port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_DEFAULT_MATMUL_PRECISION="highest")
-  procs = [subprocess.Popen([sys.executable, *map(str, args), f"--coordinator_address=127.0.0.1:{port}",
-                             "--num_processes=2", f"--process_id={i}"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) for i in range(2)]
-  outputs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
+  env = {**devices(4), "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+  results = run_group(lambda port: [([sys.executable, *args, f"--coordinator_address=127.0.0.1:{port}",
+                                      "--num_processes=2", f"--process_id={i}"], env) for i in range(2)], timeout=600)
+  for result in results:
+    assert result.returncode == 0, result.stderr[-3000:]
+  outputs = [(r.stdout, r.stderr) for r in results]
   printed = [line for out, _ in outputs for line in out.strip().splitlines() if line.startswith("{")]
   assert len(printed) == 1, outputs  # Only process 0 prints.
   multi, one = json.loads(printed[0]), json.loads(single.stdout.strip().splitlines()[-1])
@@ -213,15 +200,13 @@ def test_two_processes_generate_like_one_and_print_once(tiny_hf_model, write_tin
   assert single.returncode == 0, single.stderr[-2000:]
   expected = single.stdout
   assert len(expected) > 20 and expected.count("\n\n") >= 2, expected  # Two completions, each with a blank line.
-  port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_DEFAULT_MATMUL_PRECISION="highest")
-  procs = [subprocess.Popen([sys.executable, *map(str, args), f"--output_json={tmp_path / f'multi{i}.json'}",
-                             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-           for i in range(2)]
-  outputs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
+  env = {**devices(4), "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+  results = run_group(lambda port: [([sys.executable, *args, f"--output_json={tmp_path / f'multi{i}.json'}",
+                                      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                      f"--process_id={i}"], env) for i in range(2)], timeout=600)
+  for result in results:
+    assert result.returncode == 0, result.stderr[-3000:]
+  outputs = [(r.stdout, r.stderr) for r in results]
   printed = [out for out, _ in outputs]  # Nothing else on stdout: Gloo's logs go to stderr.
   assert "".join(printed).count(expected) == 1, printed
   assert printed == [expected, ""], printed  # Process 0 prints the completions, process 1 nothing.

@@ -8,11 +8,7 @@ import itertools
 import json
 import os
 import pathlib
-import signal
-import socket
 import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -26,9 +22,9 @@ from llama_hk.errors import UserError
 from llama_hk.train import loop
 from llama_hk.train import metrics as metrics_lib
 from llama_hk.train import state as state_lib
+from harness import (EIGHT_DEVICES, devices, kill_after_checkpoint, metrics, run_group, run_train, train_command,
+                     train_losses)
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 SMALL_MODEL = {"config.LlamaConfig.d_model": 32, "config.LlamaConfig.num_layers": 2,
                "config.LlamaConfig.num_heads": 4, "config.LlamaConfig.num_kv_heads": 2,
                "config.LlamaConfig.d_ff": 64}
@@ -41,24 +37,6 @@ def data_args(shakespeare_data_dir, shakespeare_tokenizer_dir, shakespeare_dir) 
               "SHAKESPEARE_SOURCE_DIR": repr(str(shakespeare_dir)), "SEQ_LEN": 32, "BATCH_SIZE": 4,
               "WARMUP_STEPS": 1, "LOG_EVERY": 1, "EVAL_EVERY": 1000, "EVAL_MAX_BATCHES": 2, **SMALL_MODEL}
   return ["--gin_file=gin/tiny.gin"] + [f"--gin.{key}={value}" for key, value in bindings.items()]
-
-
-def _command(model_dir, args, **bindings) -> list[str]:
-  return ([sys.executable, "bin/train", f"--model_dir={model_dir}"] + list(args)
-          + [f"--gin.{key}={value}" for key, value in bindings.items()])
-
-
-def run_train(model_dir, args, env=None, **bindings) -> subprocess.CompletedProcess:
-  return subprocess.run(_command(model_dir, args, **bindings), cwd=REPO, capture_output=True, text=True,
-                        env={**os.environ, **(env or {})}, timeout=300)
-
-
-def metrics(model_dir) -> list[dict]:
-  return [json.loads(line) for line in (pathlib.Path(model_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_losses(model_dir) -> list[tuple[int, float, float, float]]:
-  return [(m["step"], m["loss"], m["grad_norm"], m["learning_rate"]) for m in metrics(model_dir) if "loss" in m]
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -237,28 +215,13 @@ def test_run_writes_model_dir_and_evaluates(tmp_path, data_args):
   assert list(tmp_path.glob("events.out.tfevents.*"))
 
 
-def kill_after_checkpoint(command, model_dir, step: int) -> None:
-  """Runs a bin/train command and SIGKILLs it as soon as its checkpoint `step` is committed."""
-  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  try:
-    deadline = time.time() + 240
-    while not (model_dir / "checkpoints" / str(step) / "commit_success.txt").exists() and process.poll() is None:
-      assert time.time() < deadline
-      time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-  finally:
-    process.kill()
-    process.wait()
-
-
 @pytest.mark.slow
 def test_killed_run_resumes_with_identical_losses(tmp_path, data_args):
   steps = dict(TRAIN_STEPS=40, CHECKPOINT_EVERY=5)
   whole = tmp_path / "whole"
   assert run_train(whole, data_args, **steps).returncode == 0
   killed = tmp_path / "killed"
-  kill_after_checkpoint(_command(killed, data_args, **steps), killed, step=10)
+  kill_after_checkpoint(train_command(killed, data_args, **steps), killed, step=10)
   resumed = run_train(killed, data_args, **steps)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert [step for step, *_ in train_losses(killed)] == list(range(1, 41))
@@ -295,27 +258,23 @@ def test_fine_tuning_smollm2_lowers_validation_loss(tmp_path, smollm2_gguf, shak
   assert "validation perplexity" in result.stdout
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path, data_args):
   # Two document shards fix the batches (and the capped eval's) whichever process reads them; FSDP splits every
   # parameter across the processes.
   args = data_args + ["--gin_file=gin/sharding/fsdp.gin", "--gin.NUM_SHARDS=2"]
   steps = dict(TRAIN_STEPS=4, CHECKPOINT_EVERY=4, EVAL_EVERY=4)
-  coordinator = [f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2"]
-  commands = [(_command(tmp_path / "one", args, **steps), 4)] + [
-      (_command(tmp_path / "two", args + coordinator + [f"--process_id={i}"], **steps), 2) for i in range(2)]
-  processes = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
-               for command, devices in commands]  # All at once: each spends most of its time compiling alone.
-  outputs = [p.communicate(timeout=300) for p in processes]
-  for process, (_, err) in zip(processes, outputs):
-    assert process.returncode == 0, err[-3000:]
+
+  def commands(port):
+    two = args + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+    return [(train_command(tmp_path / "one", args, **steps), devices(4))] + [
+        (train_command(tmp_path / "two", two + [f"--process_id={i}"], **steps), devices(2))
+        for i in range(2)]  # All at once: each spends most of its time compiling alone.
+
+  results = run_group(commands, timeout=300)
+  for result in results:
+    assert result.returncode == 0, result.stderr[-3000:]
+  outputs = [(r.stdout, r.stderr) for r in results]
   assert "steps/s" in outputs[1][0] and "step" not in outputs[2][0]  # Only process 0 reports.
   single, multi = metrics(tmp_path / "one"), metrics(tmp_path / "two")
   assert [sorted(r) for r in multi] == [sorted(r) for r in single]  # One line each: process 1 writes none.

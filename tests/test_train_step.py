@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from llama_hk import config as config_lib
 from llama_hk import train
 from llama_hk.params import params_from_hf, params_to_hf
+import reference
 
 HYPER = dict(peak_learning_rate=1e-3, b1=0.9, b2=0.95, eps=1e-6, weight_decay=0.1, clip_norm=0.5)
 STEPS = 3
@@ -33,35 +33,11 @@ def _batches(vocab: int, count: int, batch: int = 2, length: int = 12) -> list[d
   return out
 
 
-def torch_adamw_steps(model, groups, batches, hyper) -> list[float]:
-  """The reference training: torch.optim.AdamW over parameter `groups` (each with its weight_decay), the masked
-  mean next-token loss, optax-style global-norm clipping; one step a batch. Returns the losses."""
-  trained = [p for group in groups for p in group["params"]]
-  opt = torch.optim.AdamW(groups, lr=hyper["peak_learning_rate"], betas=(hyper["b1"], hyper["b2"]), eps=hyper["eps"])
-  losses = []
-  for batch in batches:
-    logits = model(input_ids=torch.from_numpy(batch["tokens"]).long()).logits  # Padding at row ends: causal suffices.
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.from_numpy(batch["targets"]).long().flatten(),
-                                            reduction="none")
-    mask = torch.from_numpy(batch["loss_mask"]).flatten()
-    loss = (nll * mask).sum() / mask.sum()
-    opt.zero_grad()
-    loss.backward()
-    norm = torch.sqrt(sum((p.grad ** 2).sum() for p in trained))
-    # optax's clip: scale by clip / norm when the norm exceeds it (torch's clip_grad_norm_ adds 1e-6 to the norm).
-    if norm > hyper["clip_norm"]:
-      for p in trained:
-        p.grad.mul_(hyper["clip_norm"] / norm)
-    opt.step()
-    losses.append(float(loss.detach()))
-  return losses
-
-
 def _torch_run(model, batches) -> list[float]:
   decay = [p for n, p in model.named_parameters() if not (n.endswith("norm.weight") or "embed_tokens" in n)]
   no_decay = [p for n, p in model.named_parameters() if n.endswith("norm.weight") or "embed_tokens" in n]
-  return torch_adamw_steps(model, [{"params": decay, "weight_decay": HYPER["weight_decay"]},
-                                   {"params": no_decay, "weight_decay": 0.0}], batches, HYPER)
+  return reference.torch_adamw_steps(model, [{"params": decay, "weight_decay": HYPER["weight_decay"]},
+                                             {"params": no_decay, "weight_decay": 0.0}], batches, HYPER)
 
 
 @pytest.mark.slow

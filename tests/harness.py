@@ -1,0 +1,102 @@
+"""Running the project's binaries as child processes in tests: ports from the OS, children always killed and reaped,
+jax.distributed groups retried when another process took their coordinator port, and bin/train runs read back."""
+
+import json
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+import time
+from concurrent import futures
+from typing import Callable, Sequence
+
+from llama_hk import checkpoints
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def devices(count: int) -> dict:
+  """The environment of a child JAX process with `count` simulated CPU devices."""
+  return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={count}"}
+
+
+EIGHT_DEVICES = devices(8)
+# What a jax.distributed coordinator (gRPC) reports when its port was taken between free_port() and its bind.
+BIND_RACE = re.compile(r"(?i)address already in use|failed to add port|could not bind")
+Command = tuple[Sequence[str], dict | None]  # argv, and the environment (None: this process's).
+
+
+def free_port() -> int:
+  """A loopback port free now; a child that binds it later may lose it (run_group retries)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_children(commands: Sequence[Command], timeout: float) -> list[subprocess.CompletedProcess]:
+  """Runs the commands at once from the checkout (stdin closed) and waits for all of them, reading their pipes side
+  by side; every child is killed and reaped on the way out, also on a timeout or an error."""
+  processes = [subprocess.Popen([str(a) for a in argv], cwd=REPO, env={**os.environ, **(env or {})},
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for argv, env in commands]
+  try:
+    with futures.ThreadPoolExecutor(len(processes)) as pool:
+      outputs = list(pool.map(lambda p: p.communicate(timeout=timeout), processes))
+  finally:
+    for p in processes:
+      p.kill()
+      p.wait()
+  return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(processes, outputs)]
+
+
+def run_group(make_commands: Callable[[int], Sequence[Command]], timeout: float,
+              tries: int = 3) -> list[subprocess.CompletedProcess]:
+  """A jax.distributed group, `make_commands(coordinator_port)`, on a port from the OS: run again on a fresh port
+  when its coordinator lost that port to another process."""
+  for _ in range(tries):
+    results = run_children(make_commands(free_port()), timeout)
+    if not any(r.returncode and BIND_RACE.search(r.stderr) for r in results):
+      break
+  return results
+
+
+def train_command(model_dir, args, **bindings) -> list[str]:
+  """bin/train on `model_dir` with flags `args` and gin macro `bindings` (the session's compilation cache)."""
+  return ([sys.executable, "bin/train", f"--model_dir={model_dir}"] + list(args)
+          + [f"--gin.{key}={value}" for key, value in bindings.items()])
+
+
+def run_train(model_dir, args, env=None, **bindings) -> subprocess.CompletedProcess:
+  [result] = run_children([(train_command(model_dir, args, **bindings), env)], timeout=300)
+  return result
+
+
+def metrics(model_dir) -> list[dict]:
+  return [json.loads(line) for line in (pathlib.Path(model_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(model_dir) -> list[tuple[int, float, float, float]]:
+  return [(m["step"], m["loss"], m["grad_norm"], m["learning_rate"]) for m in metrics(model_dir) if "loss" in m]
+
+
+def _has_checkpoint(model_dir: pathlib.Path, step: int) -> bool:
+  """Whether the model_dir holds checkpoint `step` or a later one (Orbax renames a checkpoint into place whole)."""
+  written = (model_dir / checkpoints.TRAINING_CHECKPOINTS_DIR).is_dir() and checkpoints.latest_step(model_dir)
+  return bool(written) and written >= step
+
+
+def kill_after_checkpoint(command, model_dir: pathlib.Path, step: int, timeout: float = 240) -> None:
+  """Runs a bin/train command and SIGKILLs it as soon as the project sees checkpoint `step` written in full."""
+  process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and not _has_checkpoint(model_dir, step):
+      assert time.monotonic() < deadline, f"no checkpoint {step} in {model_dir} after {timeout} s"
+      time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be killed"
+  finally:
+    process.kill()
+    process.wait()
