@@ -23,6 +23,8 @@ SHAKESPEARE = reference.SHARED / "data" / "shakespeare"
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: takes more than a few seconds or runs a model in a subprocess; the fast "
                           "tier is `pytest -m \"not slow\"`")
+  config.addinivalue_line("markers", "network: reads a package index (PyPI); skipped, saying so, where pip reaches "
+                          "none")
 
 
 @pytest.fixture(scope="session", autouse=True)
