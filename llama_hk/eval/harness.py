@@ -6,10 +6,11 @@ tokens lose tokens from the left; empty contexts and rolling windows start with 
 EOS); `add_bos_token` overrides the tokenizer's default; generation stops at EOS or a request's `until`
 strings after at most `max_gen_toks` tokens, its context cut from the left to leave room for them.
 
-Requests are sorted by length (longest first) and scored `batch_size` at a time, padded to the generation
-buckets (`inference.decode.bucket`, `batch_bucket`), so a run compiles a handful of shapes. Over a mesh, each
-batch is split over its batch axes and the scores come back replicated. With several processes each runs every
-request (the harness sees a world of one) and the processes' batches go through the global mesh in lockstep.
+Requests are sorted by length (longest first) and scored `batch_size` at a time, each batch padded to the
+generation bucket of its longest (`inference.decode.bucket`), so a run compiles a handful of shapes. Over a
+mesh, each batch is split over its batch axes and the scores come back replicated. With several processes each
+runs every request (the harness sees a world of one) and the processes' batches go through the global mesh in
+lockstep.
 """
 
 import functools
@@ -177,13 +178,11 @@ class LlamaHkLM(TemplateLM):
     return results
 
   def _score_batch(self, rows) -> tuple[np.ndarray, ...]:
-    """tokens, segment_ids, targets, mask: (B, T), right-padded to the buckets (B also a multiple of the mesh's
-    data x fsdp size)."""
-    shards = sharding.batch_multiple(self.mesh)
-    batch = -(-decode.batch_bucket(len(rows)) // shards) * shards
+    """tokens, segment_ids, targets, mask: (batch_size, T), right-padded, T the bucket of the longest row (capped
+    at max_length): the last, short batch compiles nothing new."""
     time = min(decode.bucket(max(len(inputs) for inputs, _, _ in rows)), self.max_length)
-    tokens, segment_ids, targets = (np.zeros((batch, time), np.int32) for _ in range(3))
-    mask = np.zeros((batch, time), bool)
+    tokens, segment_ids, targets = (np.zeros((self.batch_size, time), np.int32) for _ in range(3))
+    mask = np.zeros((self.batch_size, time), bool)
     for r, (inputs, outputs, scored) in enumerate(rows):
       n = len(inputs)
       tokens[r, :n], targets[r, :n], segment_ids[r, :n] = inputs, outputs, 1
