@@ -294,3 +294,25 @@ def test_bin_eval_two_processes_equal_hf_backend_and_print_once(tiny_dir, tasks_
   assert "hk_mc" in outputs[0][0] and outputs[1][0] == "", outputs
   assert not (tmp_path / "multi1.json").exists()
   assert_same_results(json.loads((tmp_path / "multi0.json").read_text()), tiny_reference)
+
+
+@pytest.mark.slow
+def test_sampled_generation_follows_the_seed(tiny_dir):
+  """`--model_args`-style construction; sampling (do_sample, temperature) is reproducible for a seed and differs
+  across seeds, while greedy requests ignore the seed."""
+  from lm_eval.api.instance import Instance
+  from llama_hk.eval import harness
+
+  lm = harness.LlamaHkLM.create_from_arg_string(f"checkpoint={tiny_dir},seed=1,max_gen_toks=6", {"batch_size": 2})
+  assert lm.batch_size == 2 and lm.max_gen_toks == 6 and lm.max_length == MAX_LENGTH and lm.seed == 1
+
+  def generate(seed, **kwargs):
+    lm.seed = seed
+    requests = [Instance("generate_until", {}, (g["prompt"], {"until": ["\n\n"], **kwargs}), i)
+                for i, g in enumerate(GEN)]
+    return lm.generate_until(requests, disable_tqdm=True)
+
+  sampled = dict(do_sample=True, temperature=1.0)
+  first, again, other = generate(1, **sampled), generate(1, **sampled), generate(2, **sampled)
+  assert first == again and first != other and all(first), (first, other)
+  assert generate(1, do_sample=False) == generate(2, do_sample=False)

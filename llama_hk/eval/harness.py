@@ -33,6 +33,7 @@ from llama_hk.inference import decode
 from llama_hk.inference.generator import Generator
 from llama_hk.inference.sampling import Sampling
 from llama_hk.models import make_forward
+from llama_hk.ops import lora as lora_lib
 from llama_hk.ops.lora import LoraConfig
 from llama_hk.tokenizers.tokenizer import Tokenizer
 
@@ -223,8 +224,8 @@ class LlamaHkLM(TemplateLM):
         room = self.max_length - max_gen_toks
         prompts = [self.tok_encode(context, left_truncate_len=room) or [self.prefix_token_id]
                    for context in contexts]
-        completions, _ = self._generator.generate(prompts, max_gen_toks, _sampling(kwargs), seed=self.seed,
-                                                  stop_strings=[s for s in until if s])
+        completions, _ = self._generator.generate(prompts, max_gen_toks, _sampling(kwargs),
+                                                  seed=self.seed + len(results), stop_strings=[s for s in until if s])
         for context, completion in zip(contexts, completions):
           text = postprocess_generated_text(self.tok_decode(completion.ids), until, None)
           results.append(text)
@@ -234,7 +235,9 @@ class LlamaHkLM(TemplateLM):
 
   @functools.cached_property
   def _generator(self) -> Generator:
-    return Generator(self.config, self.params, self.tokenizer, max_batch=self.batch_size, mesh=self.mesh)
+    """Made on the first generation request; decoding takes an adapter folded into a copy of the weights."""
+    params = self.params if self.lora is None else lora_lib.merged(self.params, self.lora)
+    return Generator(self.config, params, self.tokenizer, max_batch=self.batch_size, mesh=self.mesh)
 
 
 def _sampling(kwargs: dict) -> Sampling:
