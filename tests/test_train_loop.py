@@ -213,6 +213,7 @@ def test_run_writes_model_dir_and_evaluates(tmp_path, data_args):
   loaded = checkpoints.load(tmp_path)
   assert loaded.config.d_model == 32 and loaded.tokenizer is not None
   assert list(tmp_path.glob("events.out.tfevents.*"))
+  assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # Drawn after the evaluation.
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""What the loop does between steps, one hook each: the NaN guard, the operative config, logging, evaluation and
-checkpoints.
+"""What the loop does between steps, one hook each: the NaN guard, the operative config, logging, evaluation, its
+curves and checkpoints.
 
 A hook is called after every step with (step, state, metrics) and acts on the steps `due` selects: every `every`
 steps and after the run's last. `begin` runs before the first step of this run (at the restored step, or 0) and
@@ -22,6 +22,7 @@ from llama_hk.config import LlamaConfig
 from llama_hk.data.batch import empty_batch
 from llama_hk.errors import UserError
 from llama_hk.tokenizers.tokenizer import Tokenizer
+from llama_hk.train import curves
 from llama_hk.train import metrics as metrics_lib
 from llama_hk.train.checkpointing import Checkpointer
 from llama_hk.train.state import global_batch
@@ -191,6 +192,20 @@ class EvalHook(Hook):
       _print(f"validation perplexity {first['eval_perplexity']:.3f} at step {first['step']} -> "
              f"{last['eval_perplexity']:.3f} at step {last['step']} (bits per byte "
              f"{first['eval_bits_per_byte']:.4f} -> {last['eval_bits_per_byte']:.4f})")
+
+
+class CurvesHook(Hook):
+  """Draws model_dir/curves.png from its metrics.jsonl after each evaluation (process 0), the drawing left out of
+  the training throughput."""
+
+  def __init__(self, every: int, last_step: int, model_dir: pathlib.Path, stopwatch: metrics_lib.Stopwatch):
+    super().__init__(every, last_step)
+    self.model_dir, self.stopwatch = model_dir, stopwatch
+
+  def act(self, step, state, metrics):
+    if jax.process_index() == 0:
+      with self.stopwatch.paused():
+        curves.plot([self.model_dir], self.model_dir / curves.CURVES_FILE, [self.model_dir.name])
 
 
 def eval_set(eval_data: Callable[..., Iterable[dict]], tokenizer: Tokenizer, seq_len: int, batch_size: int,

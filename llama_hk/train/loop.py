@@ -8,6 +8,7 @@ A `model_dir` holds
   adapters/<step>/      a LoRA run's adapter in PEFT's layout, beside each checkpoint kept
   metrics.jsonl         the training and evaluation records, one object a line (train/metrics.py)
   events.*              the same scalars for TensorBoard
+  curves.png            loss, evaluation loss and learning rate against step, redrawn after each evaluation
 A run restores the latest checkpoint in its model_dir, so rerunning a killed command continues it, with the
 same losses as if it had never stopped.
 """
@@ -115,6 +116,7 @@ def train(*, model_config: LlamaConfig, mesh: Mesh, optimizer: Optimizer, train_
           evaluate = hooks_lib.EvalHook(evaluation.every, loop.train_steps, writer,
                                         jax.jit(make_eval_step(config, lora)), eval_set, stopwatch)
           hooks.append(evaluate)
+          hooks.append(hooks_lib.CurvesHook(evaluation.every, loop.train_steps, model_dir, stopwatch))
         hooks.append(hooks_lib.CheckpointHook(checkpoint.every, loop.train_steps, checkpointer, data))
         if lora is not None:
           base = str(pathlib.Path(init_checkpoint).resolve())

@@ -1,0 +1,294 @@
+"""The lm-evaluation-harness model `llama_hk`: the harness's requests on this project's forward pass and Generator.
+
+The conventions are those of the harness's own `hf` backend, so that the same weights give the same numbers:
+`max_length` is the model's max_seq_len unless given; a context and continuation longer than max_length + 1
+tokens lose tokens from the left; empty contexts and rolling windows start with `prefix_token_id` (BOS, else
+EOS); `add_bos_token` overrides the tokenizer's default; generation stops at EOS or a request's `until`
+strings after at most `max_gen_toks` tokens, its context cut from the left to leave room for them.
+
+Requests are sorted by length (longest first) and scored `batch_size` at a time, each batch padded to the
+generation bucket of its longest (`inference.decode.bucket`), so a run compiles a handful of shapes. Over a
+mesh, each batch is split over its batch axes and the scores come back replicated. With several processes each
+runs every request (the harness sees a world of one) and the processes' batches go through the global mesh in
+lockstep.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import (Collator, handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs,
+                                  postprocess_generated_text)
+from tqdm import tqdm
+
+from llama_hk import sharding
+from llama_hk.config import LlamaConfig
+from llama_hk.errors import UserError
+from llama_hk.inference import decode
+from llama_hk.inference.generator import Generator
+from llama_hk.inference.sampling import Sampling
+from llama_hk.models import make_forward
+from llama_hk.ops import lora as lora_lib
+from llama_hk.ops.lora import LoraConfig
+from llama_hk.tokenizers.tokenizer import Tokenizer
+
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_MAX_GEN_TOKS = 256  # The `hf` backend's.
+
+
+@functools.lru_cache(maxsize=None)
+def _scorer(config: LlamaConfig, lora: LoraConfig | None, mesh):
+  """params, tokens, segment_ids, targets, mask (B, T) -> each row's summed log-probability of its masked targets
+  and whether each of them is the argmax (B,), replicated over `mesh`."""
+  forward = make_forward(config, lora=lora)
+
+  def score(params, tokens, segment_ids, targets, mask):
+    logits, _ = forward.apply(params, tokens, segment_ids=segment_ids)  # (B, T, V) float32
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # (B, T)
+    log_probs = target_logits - jax.nn.logsumexp(logits, axis=-1)  # (B, T)
+    greedy = jnp.argmax(logits, axis=-1) == targets  # (B, T)
+    return jnp.sum(jnp.where(mask, log_probs, 0.0), axis=1), jnp.all(greedy | ~mask, axis=1)
+
+  return jax.jit(score, out_shardings=None if mesh is None else NamedSharding(mesh, PartitionSpec()))
+
+
+def _host(x) -> np.ndarray:
+  """A replicated result as NumPy, also when the mesh spans processes."""
+  return np.asarray(x.addressable_data(0))
+
+
+@register_model("llama_hk")
+class LlamaHkLM(TemplateLM):
+  """A llama_hk model (config, params, tokenizer), params on the default device or sharded over `mesh`."""
+
+  def __init__(self, config: LlamaConfig, params, tokenizer: Tokenizer, *, mesh=None, lora: LoraConfig | None = None,
+               batch_size: int | None = None, max_length: int | None = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+               add_bos_token: bool | None = None, prefix_token_id: int | None = None, seed: int = 0):
+    """batch_size: requests per forward pass (default 8), rounded up to a multiple of the mesh's data x fsdp size;
+    the others as the `hf` backend's arguments of those names."""
+    super().__init__()
+    shards = sharding.batch_multiple(mesh)
+    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
+    if batch_size < 1:
+      raise UserError(f"--batch_size={batch_size}: must be at least 1")
+    max_length = config.max_seq_len if max_length is None else int(max_length)
+    if not 1 < max_length <= config.max_seq_len:
+      raise UserError(f"max_length={max_length}: must be in [2, the model's max_seq_len {config.max_seq_len}]")
+    self.config, self.tokenizer, self.mesh, self.lora = config, tokenizer, mesh, lora
+    self.params = jax.device_put(params, None if mesh is None else sharding.param_shardings(config, mesh, lora=lora))
+    self._batch_size = -(-batch_size // shards) * shards
+    self._max_length = max_length
+    self._max_gen_toks = int(max_gen_toks)
+    self.add_bos_token = add_bos_token
+    self.custom_prefix_token_id = prefix_token_id
+    self.seed = seed
+
+  @classmethod
+  def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "LlamaHkLM":
+    """`--model llama_hk --model_args checkpoint=PATH[,adapter=DIR,compute_dtype=bfloat16,...]` (one device)."""
+    from llama_hk import checkpoints
+
+    args = {**lm_utils.simple_parse_args_string(arg_string),
+            **{k: v for k, v in (additional_config or {}).items() if k == "batch_size" and v is not None}}
+    if "checkpoint" not in args:
+      raise UserError("model_args: checkpoint=PATH is required")
+    ckpt = checkpoints.load(args.pop("checkpoint"), adapter=args.pop("adapter", None),
+                            compute_dtype=args.pop("compute_dtype", "float32"))
+    return cls(ckpt.config, ckpt.params, ckpt.tokenizer, lora=ckpt.lora, **args)
+
+  # What the harness asks of a model.
+
+  @property
+  def eot_token_id(self) -> int:
+    return self.tokenizer.eos_id
+
+  @property
+  def prefix_token_id(self) -> int:
+    if self.custom_prefix_token_id is not None:
+      return self.custom_prefix_token_id
+    return self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
+
+  @property
+  def max_length(self) -> int:
+    return self._max_length
+
+  @property
+  def max_gen_toks(self) -> int:
+    return self._max_gen_toks
+
+  @property
+  def batch_size(self) -> int:
+    return self._batch_size
+
+  @property
+  def tokenizer_name(self) -> str:
+    return self.tokenizer.source.replace("/", "__")
+
+  def chat_template(self, chat_template: bool | str = False) -> str | None:
+    return self.tokenizer.chat_template
+
+  def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+
+  def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
+                 **kwargs) -> list[int]:
+    """As the `hf` backend: special tokens as asked, else as add_bos_token says, else the tokenizer's default;
+    none when the text already starts with the prefix token."""
+    special = add_special_tokens if add_special_tokens is not None else self.add_bos_token
+    if add_special_tokens is None and has_bos_prefix(string, self.tok_decode([self.prefix_token_id], False)):
+      special = False
+    if special is False:
+      ids = self.tokenizer.encode(string, add_bos=False, add_eos=False)
+    else:
+      ids = self.tokenizer.encode(string, add_bos=self.add_bos_token or None)
+    return ids[-left_truncate_len:] if left_truncate_len else ids
+
+  def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+    return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+  def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+    """(log-probability of the continuation, whether greedy decoding gives it) of each (key, context ids,
+    continuation ids), in order."""
+    rows = []
+    for key, context, continuation in requests:
+      if not context or not continuation:
+        raise UserError(f"request {key!r}: empty context or continuation tokens")
+      whole = (list(context) + list(continuation))[-(self.max_length + 1):]
+      rows.append((whole[:-1], whole[1:], min(len(continuation), len(whole) - 1)))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    results: list[tuple[float, bool] | None] = [None] * len(rows)
+    score = _scorer(self.config, self.lora, self.mesh)
+    batch_sharding = None if self.mesh is None else sharding.batch_sharding(self.mesh)
+    with sharding.axis_rules(self.mesh), tqdm(total=len(rows), disable=disable_tqdm or not _main_process(),
+                                              desc="loglikelihood requests") as progress:
+      for start in range(0, len(order), self.batch_size):
+        group = order[start:start + self.batch_size]
+        arrays = self._score_batch([rows[i] for i in group])
+        logprob, greedy = score(self.params, *(sharding.put_global(a, batch_sharding) for a in arrays))
+        logprob, greedy = _host(logprob), _host(greedy)
+        for r, i in enumerate(group):
+          results[i] = (float(logprob[r]), bool(greedy[r]))
+          if requests[i][0] is not None:
+            self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+        progress.update(len(group))
+    return results
+
+  def _score_batch(self, rows) -> tuple[np.ndarray, ...]:
+    """tokens, segment_ids, targets, mask: (batch_size, T), right-padded, T the bucket of the longest row (capped
+    at max_length): the last, short batch compiles nothing new."""
+    time = min(decode.bucket(max(len(inputs) for inputs, _, _ in rows)), self.max_length)
+    tokens, segment_ids, targets = (np.zeros((self.batch_size, time), np.int32) for _ in range(3))
+    mask = np.zeros((self.batch_size, time), bool)
+    for r, (inputs, outputs, scored) in enumerate(rows):
+      n = len(inputs)
+      tokens[r, :n], targets[r, :n], segment_ids[r, :n] = inputs, outputs, 1
+      mask[r, n - scored:n] = True
+    return tokens, segment_ids, targets, mask
+
+  def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+    """Each text's log-probability in disjoint windows of max_length tokens, the first after the prefix token,
+    every later one with as much of the text before it as fits (the harness's rolling windows)."""
+    owners, windows = [], []
+    for i, (string,) in enumerate(request.args for request in requests):
+      for window in lm_utils.get_rolling_token_windows(token_list=self.tok_encode(string),
+                                                        prefix_token=self.prefix_token_id,
+                                                        max_seq_len=self.max_length, context_len=1):
+        owners.append(i)
+        windows.append((None, *lm_utils.make_disjoint_window(window)))
+    totals = [0.0] * len(requests)
+    for i, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)):
+      totals[i] += logprob
+    for request, total in zip(requests, totals):
+      self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+    return totals
+
+  def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+    """Each request's completion: requests with the same generation arguments together, longest context first."""
+    eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+    collator = Collator([request.args for request in requests], sort_fn=lambda x: (-len(self.tok_encode(x[0])), x[0]),
+                        group_by="gen_kwargs", group_fn=lambda x: x[1])
+    results = []
+    with tqdm(total=len(requests), disable=disable_tqdm or not _main_process(), desc="generate_until requests") as bar:
+      for chunk in collator.get_batched(n=self.batch_size):
+        contexts, all_kwargs = zip(*chunk)
+        kwargs = normalize_gen_kwargs(dict(all_kwargs[0]), self.max_gen_toks)
+        until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+        max_gen_toks = kwargs.pop("max_gen_toks")
+        if max_gen_toks >= self.max_length:
+          raise UserError(f"max_gen_toks={max_gen_toks}: must be less than max_length {self.max_length}")
+        room = self.max_length - max_gen_toks
+        prompts = [self.tok_encode(context, left_truncate_len=room) or [self.prefix_token_id]
+                   for context in contexts]
+        completions, _ = self._generator.generate(prompts, max_gen_toks, _sampling(kwargs),
+                                                  seed=self.seed + len(results), stop_strings=[s for s in until if s])
+        for context, completion in zip(contexts, completions):
+          text = postprocess_generated_text(self.tok_decode(completion.ids), until, None)
+          results.append(text)
+          self.cache_hook.add_partial("generate_until", (context, all_kwargs[0]), text)
+        bar.update(len(chunk))
+    return collator.get_original(results)
+
+  @functools.cached_property
+  def _generator(self) -> Generator:
+    """Made on the first generation request; decoding takes an adapter folded into a copy of the weights."""
+    params = self.params if self.lora is None else lora_lib.merged(self.params, self.lora)
+    return Generator(self.config, params, self.tokenizer, max_batch=self.batch_size, mesh=self.mesh)
+
+
+def _sampling(kwargs: dict) -> Sampling:
+  """The harness's normalised generation arguments as a Sampling: greedy unless do_sample with a temperature."""
+  if not kwargs.get("do_sample") or not kwargs.get("temperature"):
+    return Sampling()
+  return Sampling(temperature=float(kwargs["temperature"]), top_k=int(kwargs.get("top_k") or 0),
+                  top_p=float(kwargs.get("top_p") or 1.0))
+
+
+def _main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def task_manager(include_path: str | None = None, include_defaults: bool = True):
+  """The harness's task index over its own tasks (unless include_defaults is False) and those under include_path."""
+  from lm_eval.tasks import TaskManager
+
+  return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+def check_tasks(manager, tasks: list[str]) -> None:
+  """UserError naming the task names the index does not hold, and how to list those it does."""
+  missing = [task for task in tasks if not manager.match_tasks([task])]
+  if missing:
+    raise UserError(f"--tasks: not found: {', '.join(missing)} (list task names with `lm-eval ls tasks"
+                    f"{' --include_path DIR' if manager.include_path else ''}`)")
+
+
+def evaluate(lm, tasks: list[str], manager, num_fewshot: int | None = None, limit: float | None = None,
+             apply_chat_template: bool = False, log_samples: bool = False) -> dict:
+  """`lm_eval.simple_evaluate` of `lm` on `tasks` from `manager`: the harness's results dictionary (with
+  "samples" when log_samples)."""
+  import lm_eval
+
+  check_tasks(manager, tasks)
+  return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                                 log_samples=log_samples, apply_chat_template=apply_chat_template,
+                                 bootstrap_iters=0)
+
+
+def results_table(results: dict) -> str:
+  """The harness CLI's tables: tasks, then groups if any."""
+  from lm_eval.utils import make_table
+
+  return make_table(results) + (make_table(results, "groups") if "groups" in results else "")
+
+
+def results_json(results: dict) -> str:
+  """The results dictionary as the harness CLI writes it (its `handle_non_serializable` for what JSON lacks)."""
+  import json
+  from lm_eval.utils import handle_non_serializable
+
+  return json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
