@@ -32,6 +32,12 @@ INSTALL_REQUIRES = [
     "importlib_resources",  # TFDS imports it to prepare builders in a package, declaring it only for Python < 3.9.
     # Training curves as TensorBoard event files without TensorFlow (t5x and MaxText write the same scalars).
     "tensorboardX>=2.6",
+    "matplotlib>=3.8",  # bin/train redraws model_dir/curves.png after each evaluation; bin/plot compares runs.
+]
+
+EVAL_REQUIRES = [
+    # bin/eval --tasks: lm-evaluation-harness, the field's task suite, run on this project's model class.
+    "lm-eval>=0.4.9",
 ]
 
 SERVE_REQUIRES = [
@@ -43,6 +49,7 @@ SERVE_REQUIRES = [
 
 TEST_REQUIRES = [
     *SERVE_REQUIRES,
+    *EVAL_REQUIRES,
     "openai>=1.30",  # The official client: the serving tests speak to bin/serve only through it.
     "peft>=0.11",  # The reference for LoRA: adapters written here must load in peft, and peft's here.
     # References only: transformers' PyTorch LLaMA is the independent implementation we compare against.
@@ -64,5 +71,5 @@ setuptools.setup(
     package_data={"llama_hk.gin": ["**/*.gin"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"serve": SERVE_REQUIRES, "test": TEST_REQUIRES},
+    extras_require={"serve": SERVE_REQUIRES, "eval": EVAL_REQUIRES, "test": TEST_REQUIRES},
 )
