@@ -109,15 +109,22 @@ def split(params: Mapping, lora: LoraConfig) -> tuple[dict, dict]:
 
 def merged(params: Mapping, lora: LoraConfig) -> dict:
   """A plain model's parameters from a combined tree: each target's W + A B * alpha / r, in W's dtype (NumPy for
-  NumPy leaves, else jax arrays laid out as W)."""
+  NumPy leaves, else jax arrays laid out as W); an int8 W is dequantized, summed and quantized again."""
   base, adapter = split(params, lora)
   out = {module: dict(leaves) for module, leaves in base.items()}
   for row, a, b in lora.targeted():
     w = base[row.module][row.name]
+    scale = base[row.module].get(f"{row.name}_scale")
     xp = np if isinstance(w, np.ndarray) else jnp
     layers = w.shape[0]
     a2 = xp.asarray(adapter[a.module][a.name], np.float32).reshape(layers, -1, lora.rank)  # (L, in, r)
     b2 = xp.asarray(adapter[b.module][b.name], np.float32).reshape(layers, lora.rank, -1)  # (L, r, out)
-    total = (w.astype(np.float32) + (a2 @ b2 * lora.scaling).reshape(w.shape)).astype(w.dtype)
+    w32 = w.astype(np.float32) if scale is None else param_table.dequantize(w, scale, row, lead=1)
+    total = w32 + (a2 @ b2 * lora.scaling).reshape(w.shape)
+    if scale is None:
+      total = total.astype(w.dtype)
+    else:
+      total, new_scale = param_table.quantize(total, row, lead=1)
+      out[row.module][f"{row.name}_scale"] = new_scale if xp is np else jax.device_put(new_scale, scale.sharding)
     out[row.module][row.name] = total if xp is np else jax.device_put(total, w.sharding)  # Laid out as W was.
   return out
