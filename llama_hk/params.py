@@ -53,7 +53,7 @@ class Param:
   @property
   def quantizable(self) -> bool:
     """Stored as int8 with a `{name}_scale` row under int8 weights: the matrix weights and the embedding table."""
-    return self.is_matmul or self.module == "embedding"
+    return self.is_matmul or (self.module, self.name) == ("embedding", "embeddings")
 
   @property
   def scale_letters(self) -> str:
@@ -214,6 +214,20 @@ def unpermute_gguf_rows(array: np.ndarray, heads: int) -> np.ndarray:
   """Undoes llama.cpp's Q/K row permutation (rotate-half -> adjacent pairs) for a (heads*K, D) weight."""
   rows = array.shape[0]
   return array.reshape(heads, rows // heads // 2, 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
+
+
+def quantized(tree: Mapping) -> dict:
+  """The int8 tree of a float tree (NumPy or jax leaves): each quantizable leaf as int8 with its scale leaf after
+  it, every other leaf float32."""
+  out: dict[str, dict] = {}
+  for module, leaves in tree.items():
+    for name, leaf in leaves.items():
+      row = BY_NAME[(module, name)]
+      if row.quantizable:
+        out.setdefault(module, {})[name], out[module][f"{name}_scale"] = quantize(leaf, row, int(row.stacked))
+      else:
+        out.setdefault(module, {})[name] = leaf.astype(np.float32)
+  return out
 
 
 def dequantized(tree: Mapping) -> dict:

@@ -21,7 +21,7 @@ from llama_hk.config import LlamaConfig
 from llama_hk.errors import UserError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-BASE_WEIGHTS = ("float32", "bfloat16")
+BASE_WEIGHTS = ("float32", "bfloat16", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +60,17 @@ class LoraConfig:
   def targeted(self) -> tuple[tuple[param_table.Param, param_table.Param, param_table.Param], ...]:
     """(base, A, B) parameter-table rows of each target."""
     return tuple(param_table.LORA_TARGETS[t] for t in self.targets)
+
+  def base_config(self, config: LlamaConfig) -> LlamaConfig:
+    """The config a LoRA forward runs: the float32-master `config`, with param_dtype int8 for an int8 base (whose
+    matrices then read their scales)."""
+    return config.replace(param_dtype="int8") if self.base_weights == "int8" else config
+
+  def frozen_base(self, params: Mapping) -> dict:
+    """The frozen base held beside the adapter, from float parameters: cast to base_weights, or quantized."""
+    if self.base_weights == "int8":
+      return param_table.quantized(params)
+    return jax.tree.map(lambda p: p.astype(self.base_weights), params)
 
   def adapter_rows(self) -> tuple[param_table.Param, ...]:
     return tuple(row for _, a, b in self.targeted() for row in (a, b))
