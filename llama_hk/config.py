@@ -11,6 +11,8 @@ from llama_hk.errors import UserError
 
 ROPE_SCALINGS = ("none", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
+# param_dtype may also be "int8": int8 matrix weights with float32 scales, every other leaf float32 (params.py).
+PARAM_DTYPES = DTYPES + ("int8",)
 REMAT_POLICIES = ("none", "full", "dots")
 # Attention without a KV cache (ops.attention.IMPLS); with a cache the model runs ops.attention's "cached" kernels.
 ATTENTION_IMPLS = ("split_causal", "reference", "jax", "cudnn")
@@ -57,9 +59,14 @@ class LlamaConfig:
       raise UserError(f"LlamaConfig.attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
     if self.rope_scaling not in ROPE_SCALINGS:
       raise UserError(f"LlamaConfig.rope_scaling={self.rope_scaling!r} is not one of {ROPE_SCALINGS}")
-    for name in ("param_dtype", "compute_dtype"):
-      if getattr(self, name) not in DTYPES:
-        raise UserError(f"LlamaConfig.{name}={getattr(self, name)!r} is not one of {DTYPES}")
+    for name, allowed in (("param_dtype", PARAM_DTYPES), ("compute_dtype", DTYPES)):
+      if getattr(self, name) not in allowed:
+        raise UserError(f"LlamaConfig.{name}={getattr(self, name)!r} is not one of {allowed}")
+
+  @property
+  def float_param_dtype(self) -> str:
+    """The dtype of the parameters that are not int8: param_dtype, or float32 under int8 weights."""
+    return "float32" if self.param_dtype == "int8" else self.param_dtype
 
   @property
   def heads_per_kv_head(self) -> int:

@@ -8,6 +8,11 @@ says how its layout relates to Hugging Face's:
             e.g. q_proj (D, N, K) <-> (N*K, D).
 GGUF stores tensors in Hugging Face's layout, except that llama.cpp permutes the rows of Q and K from the
 rotate-half RoPE layout to the adjacent-pair one; `gguf_heads` names the head count that permutation used.
+
+int8 weights (a config's param_dtype "int8"): every matrix weight and the embedding table is stored as int8 with a
+float32 scale per output channel, the row `{name}_scale` beside it (its shape the weight's output letters, the
+embedding's V, so it shards as the weight's output axis does); w = q * scale, q = round(w / scale) with
+scale = max |w| over the input axes / 127. Every other leaf is float32.
 """
 
 import dataclasses
@@ -15,6 +20,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
+import jax.numpy as jnp
 import numpy as np
 
 from llama_hk.config import LlamaConfig
@@ -43,6 +49,16 @@ class Param:
   @property
   def stacked(self) -> bool:
     return "{i}" in self.hf
+
+  @property
+  def quantizable(self) -> bool:
+    """Stored as int8 with a `{name}_scale` row under int8 weights: the matrix weights and the embedding table."""
+    return self.is_matmul or (self.module, self.name) == ("embedding", "embeddings")
+
+  @property
+  def scale_letters(self) -> str:
+    """The per-layer shape of the int8 scale: the output letters (the embedding's rows, V, its head's output)."""
+    return self.shape[self.n_in:] if self.layout == "linear" else self.shape[:1]
 
   @property
   def is_matmul(self) -> bool:
@@ -116,6 +132,16 @@ def _lora_rows(base: Param) -> tuple[Param, Param]:
                 "linear", 1, axes=("lora_rank", *out_axes)))
 
 
+def _scale_row(base: Param) -> Param:
+  """The float32 per-output-channel scale of the int8 weight `base` (named as compressed-tensors names it in HF)."""
+  return Param(base.module, f"{base.name}_scale", base.hf.removesuffix("weight") + "weight_scale", "",
+               base.scale_letters, decay=False)
+
+
+SCALES = {(p.module, p.name): _scale_row(p) for p in TABLE if p.quantizable}
+WEIGHTS = ("float32", "bfloat16", "int8")  # What --weights offers: a param_dtype.
+
+
 def target_name(base: Param) -> str:
   """A decoder matrix's LoRA target name, PEFT's module name: q_proj, k_proj, v_proj, o_proj, gate_proj, ..."""
   return base.hf.split(".")[-2]
@@ -123,12 +149,59 @@ def target_name(base: Param) -> str:
 
 # Decoder matrix target name -> (base row, A row, B row).
 LORA_TARGETS = {target_name(p): (p, *_lora_rows(p)) for p in TABLE if p.is_matmul and p.stacked}
-BY_NAME = {(p.module, p.name): p for p in TABLE + tuple(r for _, *ab in LORA_TARGETS.values() for r in ab)}
+BY_NAME = {(p.module, p.name): p for p in TABLE + tuple(SCALES.values())
+           + tuple(r for _, *ab in LORA_TARGETS.values() for r in ab)}
 
 
 def table(config: LlamaConfig) -> tuple[Param, ...]:
-  """The rows present in this config's model (no lm_head with tied embeddings)."""
-  return tuple(p for p in TABLE if not (p.module == "lm_head" and config.tie_embeddings))
+  """The rows present in this config's model (no lm_head with tied embeddings; with int8 weights, each quantized
+  row followed by its scale row)."""
+  rows = []
+  for p in TABLE:
+    if not (p.module == "lm_head" and config.tie_embeddings):
+      rows += [p, SCALES[(p.module, p.name)]] if is_int8(config) and p.quantizable else [p]
+  return tuple(rows)
+
+
+def is_int8(config: LlamaConfig) -> bool:
+  return config.param_dtype == "int8"
+
+
+def is_scale(row: Param) -> bool:
+  return SCALES.get((row.module, row.name.removesuffix("_scale"))) == row
+
+
+def leaf_dtype(row: Param, config: LlamaConfig) -> np.dtype:
+  """The stored dtype of `row`'s leaf: param_dtype, except under int8 weights (int8 quantized rows, else float32)."""
+  if not is_int8(config):
+    return np.dtype(config.param_dtype)
+  return np.dtype(np.int8 if row.quantizable else np.float32)
+
+
+def quantize(w, row: Param, lead: int = 0):
+  """(q int8, scale float32) of the float weight `w` of `row` (NumPy or jax; `lead` leading layer axes): symmetric,
+  per output channel. An all-zero channel gets scale 1."""
+  xp = np if isinstance(w, np.ndarray) else jnp
+  w = w.astype(np.float32)
+  n_in = row.n_in if row.layout == "linear" else 0
+  if row.layout == "linear":
+    axes = tuple(range(lead, lead + n_in))
+  else:
+    axes = tuple(range(lead + 1, w.ndim))
+  amax = xp.max(xp.abs(w), axis=axes, keepdims=True)
+  scale = xp.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+  q = xp.clip(xp.round(w / scale), -127, 127).astype(np.int8)
+  return q, scale.reshape(w.shape[:lead] + tuple(n for k, n in enumerate(w.shape[lead:]) if lead + k not in axes))
+
+
+def dequantize(q, scale, row: Param, lead: int = 0):
+  """The float32 weight q * scale of `row` (NumPy or jax; `lead` leading layer axes), inverse to `quantize`."""
+  n_in = row.n_in if row.layout == "linear" else 0
+  if row.layout == "linear":
+    shape = q.shape[:lead] + (1,) * n_in + q.shape[lead + n_in:]
+  else:
+    shape = q.shape[:lead + 1] + (1,) * (q.ndim - lead - 1)
+  return q.astype(np.float32) * scale.reshape(shape)
 
 
 def map_params(fn: Callable[[Param, Any], Any], params: Mapping) -> dict:
@@ -141,6 +214,34 @@ def unpermute_gguf_rows(array: np.ndarray, heads: int) -> np.ndarray:
   """Undoes llama.cpp's Q/K row permutation (rotate-half -> adjacent pairs) for a (heads*K, D) weight."""
   rows = array.shape[0]
   return array.reshape(heads, rows // heads // 2, 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
+
+
+def quantized(tree: Mapping) -> dict:
+  """The int8 tree of a float tree (NumPy or jax leaves): each quantizable leaf as int8 with its scale leaf after
+  it, every other leaf float32."""
+  out: dict[str, dict] = {}
+  for module, leaves in tree.items():
+    for name, leaf in leaves.items():
+      row = BY_NAME[(module, name)]
+      if row.quantizable:
+        out.setdefault(module, {})[name], out[module][f"{name}_scale"] = quantize(leaf, row, int(row.stacked))
+      else:
+        out.setdefault(module, {})[name] = leaf.astype(np.float32)
+  return out
+
+
+def dequantized(tree: Mapping) -> dict:
+  """The float32 tree an int8 tree stands for (each quantized leaf times its scale, scale leaves dropped): the model
+  run with param_dtype float32 on it is what the int8 model computes, in exact arithmetic."""
+  out: dict[str, dict] = {}
+  for module, leaves in tree.items():
+    for name, leaf in leaves.items():
+      row = BY_NAME[(module, name)]
+      if is_scale(row):
+        continue
+      scale = leaves.get(f"{name}_scale")
+      out.setdefault(module, {})[name] = leaf if scale is None else dequantize(leaf, scale, row, int(row.stacked))
+  return out
 
 
 class Leaf(Protocol):
@@ -178,12 +279,19 @@ def iter_params(get: Callable[[str], np.ndarray], config: LlamaConfig, naming: s
   `get` returns HF-layout arrays. Each leaf is a `leaf_type(module, name, shape, dtype)` filled layer by layer
   (HostLeaf: NumPy; checkpoints.leaves.DeviceLeaf: device buffers updated in place), so a consumer that keeps
   nothing (streaming conversion) holds one leaf at a time. `naming` is "hf" or "gguf" (GGUF rows of Q and K are
-  unpermuted here). A missing name or a shape that disagrees with the config raises UserError naming `source`.
+  unpermuted here). `dtype` (default the config's) "int8" quantizes each tensor as it is read, yielding its scale
+  leaf after it. A missing name or a shape that disagrees with the config raises UserError naming `source`.
   """
-  dtype = np.dtype(dtype or config.param_dtype)
+  config = config.replace(param_dtype=dtype or config.param_dtype)
   for p in table(config):
+    if is_scale(p):
+      continue
     template = p.hf if naming == "hf" else p.gguf
-    leaf = leaf_type(p.module, p.name, p.full_shape(config), dtype)
+    leaf = leaf_type(p.module, p.name, p.full_shape(config), leaf_dtype(p, config))
+    quantized = is_int8(config) and p.quantizable
+    if quantized:
+      s = SCALES[(p.module, p.name)]
+      scale_leaf = leaf_type(s.module, s.name, s.full_shape(config), np.float32)
     for i in range(config.num_layers) if p.stacked else [None]:
       name = template.format(i=i)
       try:
@@ -195,10 +303,15 @@ def iter_params(get: Callable[[str], np.ndarray], config: LlamaConfig, naming: s
                         f"{p.hf_shape(config)}")
       if naming == "gguf" and p.gguf_heads:
         array = unpermute_gguf_rows(np.asarray(array), getattr(config, p.gguf_heads))
-      converted = p.to_ours(np.asarray(array), config).astype(dtype, copy=False)
+      converted = p.to_ours(np.asarray(array), config)
       del array  # The read buffer goes before the device copy is made: one tensor less at the peak.
-      leaf.set(i, converted)
+      if quantized:
+        converted, scale = quantize(converted, p)
+        scale_leaf.set(i, scale)
+      leaf.set(i, converted.astype(leaf_dtype(p, config), copy=False))
     yield p.module, p.name, leaf.finish()
+    if quantized:
+      yield s.module, s.name, scale_leaf.finish()
 
 
 def collect(leaves: Iterable[tuple[str, str, Any]]) -> dict:

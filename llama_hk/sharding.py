@@ -202,5 +202,5 @@ def per_device_param_bytes(config: LlamaConfig, mesh: Mesh, rules=None) -> int:
   shardings = param_shardings(config, mesh, rules)
   abstract = {p.module: {} for p in params.table(config)}
   for p in params.table(config):
-    abstract[p.module][p.name] = jax.ShapeDtypeStruct(p.full_shape(config), np.dtype(config.param_dtype))
+    abstract[p.module][p.name] = jax.ShapeDtypeStruct(p.full_shape(config), params.leaf_dtype(p, config))
   return per_device_bytes(abstract, shardings)

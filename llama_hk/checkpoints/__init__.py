@@ -49,9 +49,9 @@ def _read(path: pathlib.Path, dtype: str | None, on_device: bool = False, mesh=N
   come one at a time, placed as asked."""
   fmt = formats.detect(path)
   config, tokenizer = fmt.config(path), fmt.tokenizer(path)
-  placement = Placement(on_device, None if mesh is None else sharding.param_shardings(config, mesh))
-  leaves = fmt.leaves(path, config, dtype, placement)
-  return config.replace(param_dtype=dtype or config.param_dtype), leaves, tokenizer
+  want = config.replace(param_dtype=dtype or config.param_dtype)
+  placement = Placement(on_device, None if mesh is None else sharding.param_shardings(want, mesh))
+  return want, fmt.leaves(path, config, dtype, placement), tokenizer
 
 
 def load(path: str | os.PathLike, dtype: str | None = None, on_device: bool = True, mesh=None,
@@ -85,8 +85,11 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, output_format:
   """Any checkpoint to llama_hk (streamed: one leaf in memory at a time) or to an HF directory, or the LoRA
   adapter of `adapter` (or of a LoRA training model_dir) alone as a PEFT directory ("peft").
 
-  With `merge_lora`, the adapter is folded into the weights of the llama_hk or HF output.
+  With `merge_lora`, the adapter is folded into the weights of the llama_hk or HF output. `dtype` is a param_dtype
+  (int8: quantized tensor by tensor as read, llama_hk output only); an int8 checkpoint is written to HF in float32.
   """
+  if output_format == "hf" and dtype == "int8":
+    raise UserError("--weights=int8 is written as a llama_hk checkpoint only (--output_format=llama_hk)")
   check_output_dir(output)  # Before anything is read.
   adapter = adapter or peft.model_dir_adapter(pathlib.Path(source))
   if (merge_lora or output_format == "peft") and adapter is None:
@@ -98,6 +101,8 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, output_format:
     _, adapter_tree = lora_lib.split(ckpt.params, ckpt.lora)
     peft.write(output, adapter_tree, ckpt.config, ckpt.lora, peft.base_name(adapter))
   elif merge_lora or output_format == "hf":
+    if output_format == "hf" and dtype is None and load_config(source).param_dtype == "int8":
+      dtype = "float32"  # HF has no int8 layout of ours: its dequantized weights.
     ckpt = load(source, dtype=dtype, on_device=False, adapter=adapter)
     tree = lora_lib.merged(ckpt.params, ckpt.lora) if merge_lora else ckpt.params
     if output_format == "hf":

@@ -44,13 +44,15 @@ class _OrbaxFormat:
   def leaves(self, path: pathlib.Path, config: LlamaConfig, dtype: str | None,
              placement: Placement) -> Iterator[tuple[str, str, object]]:
     """Restores the Orbax tree; with shardings, straight into the sharded layout (Orbax reads only each shard).
-    dtype None keeps the stored one."""
+    dtype None keeps the stored one; int8 from float weights (or float from int8) is converted on the host."""
     import orbax.checkpoint as ocp
     params_dir = self.params_dir(path)
+    want = config.replace(param_dtype=dtype or config.param_dtype)
+    requantize = params.is_int8(config) != params.is_int8(want)
     target = None
-    if placement.shardings is not None:
+    if placement.shardings is not None and not requantize:
       target = params.map_params(
-          lambda p, s: jax.ShapeDtypeStruct(p.full_shape(config), np.dtype(dtype or config.param_dtype), sharding=s),
+          lambda p, s: jax.ShapeDtypeStruct(p.full_shape(want), params.leaf_dtype(p, want), sharding=s),
           placement.shardings)
     try:
       handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=_concurrent_gb(config))
@@ -58,16 +60,31 @@ class _OrbaxFormat:
     except Exception as e:  # Orbax raises several types for missing or corrupt checkpoints.
       raise UserError(f"{params_dir}: unreadable Orbax checkpoint ({type(e).__name__}: {first_line(e)})") from None
     _check_tree(tree, config, str(params_dir))
-    for module, leaves in tree.items():
-      for name in list(leaves):
-        value = leaves.pop(name)  # Dropped from the restored tree as it is yielded: one copy at a time.
-        if dtype and value.dtype != np.dtype(dtype):
-          value = value.astype(dtype)
-        if not placement.on_device:
-          value = np.asarray(value)
-        elif target is None:  # Restored as stored (NumPy for a converted checkpoint): to the default device.
-          value = sharding.put_global(value, None)
-        yield module, name, value
+    for p in params.table(want):
+      if requantize and params.is_scale(p):
+        continue  # Made, or consumed, with its weight.
+      value = tree[p.module].pop(p.name)  # Dropped from the restored tree as it is yielded: one copy at a time.
+      lead = 1 if p.stacked else 0
+      if requantize and p.quantizable and params.is_int8(want):
+        value, scale = params.quantize(np.asarray(value), p, lead)
+        scale_row = params.SCALES[(p.module, p.name)]
+        yield p.module, p.name, _place(value, placement, target, p)
+        yield scale_row.module, scale_row.name, _place(scale, placement, target, scale_row)
+        continue
+      if requantize and p.quantizable:
+        value = params.dequantize(np.asarray(value), np.asarray(tree[p.module].pop(f"{p.name}_scale")), p, lead)
+      if value.dtype != params.leaf_dtype(p, want):
+        value = value.astype(params.leaf_dtype(p, want))
+      yield p.module, p.name, _place(value, placement, target, p)
+
+
+def _place(value, placement: Placement, target, row: params.Param):
+  """A restored (and converted) leaf where `placement` wants it; a sharded restore (`target`) is there already."""
+  if not placement.on_device:
+    return np.asarray(value)
+  if target is None:  # Restored as stored (NumPy for a converted checkpoint): to the default device or its shards.
+    return sharding.put_global(value, placement.shardings and placement.shardings[row.module][row.name])
+  return value
 
 
 class OwnDir(_OrbaxFormat):

@@ -4,6 +4,8 @@ import os
 
 from absl import flags
 
+from llama_hk.params import WEIGHTS
+
 # Tests point every subprocess at one per-run cache through this variable.
 COMPILATION_CACHE_ENV = "LLAMA_HK_COMPILATION_CACHE_DIR"
 
@@ -26,3 +28,13 @@ def define_adapter_flag() -> None:
   """--adapter, for the binaries that apply a LoRA adapter to a checkpoint (bin/eval, bin/generate, bin/convert)."""
   flags.DEFINE_string("adapter", None, "A PEFT LoRA adapter directory (ours or one `peft` wrote) applied to the "
                       "checkpoint's model; a LoRA training model_dir applies its latest adapter by itself.")
+
+
+def define_weights_flag() -> None:
+  """--weights, the one precision vocabulary of the binaries that load a checkpoint (bin/convert, bin/eval,
+  bin/generate, bin/serve); the --dtype it replaced fails with a line that names it."""
+  flags.DEFINE_enum("weights", None, list(WEIGHTS), "How the weights are held: float32, bfloat16, or int8 (int8 "
+                    "matrices and embedding with a float32 scale per output channel); default: as stored.")
+  flags.DEFINE_string("dtype", None, "Replaced by --weights.")
+  flags.register_validator("dtype", lambda value: value is None,
+                           message=f"--dtype is replaced by --weights={'|'.join(WEIGHTS)}")

@@ -22,7 +22,8 @@ same names.
 Every product of weights and activations goes through `ops.dense.dense`, every attention through
 `ops.attention.attend` (`config.attention_impl` without a cache, the cached kernels with one).
 
-Numerics: parameters are stored in `param_dtype` and cast to `compute_dtype` where used; RMSNorm statistics,
+Numerics: parameters are stored in `param_dtype` (int8: the matrix weights and embedding int8 with float32 scales,
+the rest float32; ops.dense) and cast to `compute_dtype` where used; RMSNorm statistics,
 attention logits and softmax, and the output logits are float32 whatever the compute dtype.
 """
 
@@ -65,7 +66,7 @@ class RMSNorm(_Module):
   """x / rms(x) * scale, the statistics in float32."""
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = hk.get_parameter("scale", [x.shape[-1]], self.config.param_dtype, init=jnp.ones)  # (D,)
+    scale = hk.get_parameter("scale", [x.shape[-1]], self.config.float_param_dtype, init=jnp.ones)  # (D,)
     x32 = x.astype(jnp.float32)  # (B, T, D)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.norm_eps)  # (B, T, D)
     return (scale.astype(jnp.float32) * normed.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
@@ -143,7 +144,12 @@ class Llama(_Module):
       segment_ids = jnp.ones((b, t), jnp.int32)  # (B, T)
     with hk.name_scope("embedding"):
       embeddings = hk.get_parameter("embeddings", [c.vocab_size, c.d_model], c.param_dtype, init=_INIT)  # (V, D)
+      scale = None  # int8 weights: each row's float32 scale, applied to the gathered rows.
+      if c.param_dtype == "int8":
+        scale = hk.get_parameter("embeddings_scale", [c.vocab_size], jnp.float32, init=jnp.ones)  # (V,)
     x = jnp.take(embeddings, tokens, axis=0).astype(c.compute_dtype)  # (B, T, D)
+    if scale is not None:
+      x = x * jnp.take(scale, tokens, axis=0)[..., None].astype(c.compute_dtype)  # (B, T, D)
     x = sharding.constrain(x, ("act_batch", "act_length", "act_embed"))
     mask = attention.attention_mask(segment_ids, cache_end, None if cache is None else cache.k.shape[3])
 
@@ -161,7 +167,7 @@ class Llama(_Module):
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # (B, 1, D)
     x = RMSNorm(c, name="norm")(x)  # (B, T, D)
     if c.tie_embeddings:
-      logits = self.dense(x, "BTD,VD->BTV", "embeddings", weight=embeddings,
+      logits = self.dense(x, "BTD,VD->BTV", "embeddings", weight=embeddings, weight_scale=scale,
                           preferred_element_type=jnp.float32)  # (B, T, V)
     else:
       with hk.name_scope("lm_head"):

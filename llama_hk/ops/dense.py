@@ -2,6 +2,10 @@
 
 LoRA adapters, int8 weights and other storage layouts hook in here; the model's call sites stay einsums in the
 shape glossary's letters.
+
+int8 weights (param_dtype int8, params.py) are dequantized in the dot: the int8 weight is converted to the compute
+dtype inside the product's fusion, and the per-output-channel scale multiplies the product's columns afterwards,
+(x q) * s = x (q * s) exactly in real arithmetic, so no float copy of the weight is written.
 """
 
 import dataclasses
@@ -52,7 +56,8 @@ def to_layout(params: Mapping, layout: WeightLayout) -> Mapping:
 
 def dense(x: jax.Array, spec: str, name: str, *, sizes: Mapping[str, int], dtype, param_dtype,
           init: hk.initializers.Initializer | None = None, layout: WeightLayout = WeightLayout(),
-          weight: jax.Array | None = None, lora: lora_lib.LoraConfig | None = None, **einsum_kwargs) -> jax.Array:
+          weight: jax.Array | None = None, weight_scale: jax.Array | None = None,
+          lora: lora_lib.LoraConfig | None = None, **einsum_kwargs) -> jax.Array:
   """x times the weight `name` as the einsum `spec` says, e.g. "BTD,DNK->BTNK".
 
   The weight is a parameter of the current Haiku module (made here, in `layout`) unless given. `spec` names its
@@ -68,10 +73,11 @@ def dense(x: jax.Array, spec: str, name: str, *, sizes: Mapping[str, int], dtype
     name: the weight's parameter name (and its key in `layout.library_matvec`).
     sizes: glossary letter -> size, for the weight's output axes.
     dtype: the compute dtype the weight is cast to.
-    param_dtype: the dtype a new weight is stored in.
+    param_dtype: the dtype a new weight is stored in; int8: with a float32 scale `{name}_scale` per output channel.
     init: a new weight's initializer.
     layout: how the weight is stored.
     weight: an existing 2-D weight to use instead of the parameter `name`.
+    weight_scale: the per-output-channel scale of an int8 `weight`.
     lora: an adapter whose low-rank term is added where it targets `name` (ops.lora); None: none.
     **einsum_kwargs: for jnp.einsum, e.g. preferred_element_type.
   """
@@ -86,6 +92,7 @@ def dense(x: jax.Array, spec: str, name: str, *, sizes: Mapping[str, int], dtype
   in_shape = x.shape[len(lead):]
   n_in = math.prod(in_shape)
   x = x.reshape(math.prod(lead), n_in)  # (M, in)
+  scale = weight_scale
   if weight is not None:
     out_in = w_axes != in_axes + w_out_axes
     w = weight.astype(dtype)  # (out, in) or (in, out), as given
@@ -99,12 +106,16 @@ def dense(x: jax.Array, spec: str, name: str, *, sizes: Mapping[str, int], dtype
     else:
       w = hk.get_parameter(name, [*in_shape, *out_shape], param_dtype, init=init).astype(dtype)
       w = w.reshape(n_in, n_out)  # (in, out)
+    if jnp.dtype(param_dtype) == jnp.int8:
+      scale = hk.get_parameter(f"{name}_scale", list(out_shape), jnp.float32, init=jnp.ones)
   if not out_in:
     y = jnp.einsum("MI,IO->MO", x, w, **einsum_kwargs)  # (M, out)
   elif name in layout.library_matvec:
     y = jnp.einsum("MI,OI->MO", x, w, **einsum_kwargs)  # (M, out)
   else:
     y = jnp.einsum("MI,IO->MO", x, w.T, **einsum_kwargs)  # (M, out)
+  if scale is not None:
+    y = y * scale.reshape(-1).astype(y.dtype)  # (M, out)
   if lora is not None and weight is None and name in lora.weight_names:
     y = y + lora_lib.low_rank(x, name, in_shape, out_shape, lora, dtype)  # (M, out)
   return y.reshape(*lead, *out_shape)

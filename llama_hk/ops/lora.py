@@ -23,7 +23,7 @@ from llama_hk.config import LlamaConfig
 from llama_hk.errors import UserError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-BASE_WEIGHTS = ("float32", "bfloat16")
+BASE_WEIGHTS = ("float32", "bfloat16", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +62,17 @@ class LoraConfig:
   def targeted(self) -> tuple[tuple[param_table.Param, param_table.Param, param_table.Param], ...]:
     """(base, A, B) parameter-table rows of each target."""
     return tuple(param_table.LORA_TARGETS[t] for t in self.targets)
+
+  def base_config(self, config: LlamaConfig) -> LlamaConfig:
+    """The config a LoRA forward runs: the float32-master `config`, with param_dtype int8 for an int8 base (whose
+    matrices then read their scales)."""
+    return config.replace(param_dtype="int8") if self.base_weights == "int8" else config
+
+  def frozen_base(self, params: Mapping) -> dict:
+    """The frozen base held beside the adapter, from float parameters: cast to base_weights, or quantized."""
+    if self.base_weights == "int8":
+      return param_table.quantized(params)
+    return jax.tree.map(lambda p: p.astype(self.base_weights), params)
 
   def adapter_rows(self) -> tuple[param_table.Param, ...]:
     return tuple(row for _, a, b in self.targeted() for row in (a, b))
@@ -115,15 +126,22 @@ def split(params: Mapping, lora: LoraConfig) -> tuple[dict, dict]:
 
 def merged(params: Mapping, lora: LoraConfig) -> dict:
   """A plain model's parameters from a combined tree: each target's W + A B * alpha / r, in W's dtype (NumPy for
-  NumPy leaves, else jax arrays laid out as W)."""
+  NumPy leaves, else jax arrays laid out as W); an int8 W is dequantized, summed and quantized again."""
   base, adapter = split(params, lora)
   out = {module: dict(leaves) for module, leaves in base.items()}
   for row, a, b in lora.targeted():
     w = base[row.module][row.name]
+    scale = base[row.module].get(f"{row.name}_scale")
     xp = np if isinstance(w, np.ndarray) else jnp
     layers = w.shape[0]
     a2 = xp.asarray(adapter[a.module][a.name], np.float32).reshape(layers, -1, lora.rank)  # (L, in, r)
     b2 = xp.asarray(adapter[b.module][b.name], np.float32).reshape(layers, lora.rank, -1)  # (L, r, out)
-    total = (w.astype(np.float32) + (a2 @ b2 * lora.scaling).reshape(w.shape)).astype(w.dtype)
+    w32 = w.astype(np.float32) if scale is None else param_table.dequantize(w, scale, row, lead=1)
+    total = w32 + (a2 @ b2 * lora.scaling).reshape(w.shape)
+    if scale is None:
+      total = total.astype(w.dtype)
+    else:
+      total, new_scale = param_table.quantize(total, row, lead=1)
+      out[row.module][f"{row.name}_scale"] = new_scale if xp is np else jax.device_put(new_scale, scale.sharding)
     out[row.module][row.name] = total if xp is np else jax.device_put(total, w.sharding)  # Laid out as W was.
   return out

@@ -121,7 +121,7 @@ def state_shardings(config: LlamaConfig, optimizer: Optimizer, mesh: Mesh, lora:
   abstract = jax.eval_shape(lambda: init_state(config, optimizer, lora=lora))
   opt_state = optax.tree_map_params(optimizer.transform, lambda _, s: s, abstract.opt_state, params,
                                     transform_non_params=lambda _: replicated(mesh))
-  base = None if lora is None else sharding.param_shardings(config, mesh)
+  base = None if lora is None else sharding.param_shardings(lora.base_config(config), mesh)
   return TrainState(step=replicated(mesh), params=params, opt_state=opt_state, rng=replicated(mesh), base=base)
 
 
@@ -140,11 +140,13 @@ def initial_state(checkpointer: Checkpointer, config: LlamaConfig, optimizer: Op
   step = checkpointer.latest_step()
   params = None
   if init_params is not None:
-    params = jax.tree.map(sharding.put_global, init_params, shardings.base if lora else shardings.params)
+    # A LoRA base arrives in float32 and is cast (or quantized) into shardings.base by init_state.
+    target = shardings.params if lora is None else sharding.param_shardings(config, shardings.step.mesh)
+    params = jax.tree.map(sharding.put_global, init_params, target)
   if step is not None:
     state = checkpointer.restore(step, abstract_state(config, optimizer, shardings, seed, lora), data)
     if lora is not None:
-      base = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(lora.base_weights), p), out_shardings=shardings.base)
+      base = jax.jit(lora.frozen_base, out_shardings=shardings.base)
       state = state._replace(base=base(params))
     return state, step
   if adapter is not None:

@@ -87,7 +87,7 @@ def init_state(config: LlamaConfig, optimizer: Optimizer, seed: int = 0, params=
     params = make_forward(config).init(rng, jnp.zeros((1, 2), jnp.int32))
   base = None
   if lora is not None:
-    base = jax.tree.map(lambda p: p.astype(lora.base_weights), params)
+    base = lora.frozen_base(params)
     params = lora_lib.init_adapter(jax.random.fold_in(rng, 1), config, lora) if adapter is None else adapter
   params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.transform.init(params),
@@ -123,7 +123,7 @@ def make_train_step(config: LlamaConfig, optimizer: Optimizer, z_loss_weight: fl
 
   With `lora`, the gradient is the adapter's only; the base passes through unchanged.
   """
-  forward = make_forward(config, lora=lora)
+  forward = make_forward(config if lora is None else lora.base_config(config), lora=lora)
 
   def step(state: TrainState, batch: dict):
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
@@ -163,7 +163,7 @@ def make_eval_step(config: LlamaConfig, lora: lora_lib.LoraConfig | None = None
                    ) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
   """params, batch -> (summed NLL in nats, scored tokens) over the batch's masked tokens; with `lora`, params are
   `ops.lora.combine(base, adapter)`."""
-  forward = make_forward(config, lora=lora)
+  forward = make_forward(config if lora is None else lora.base_config(config), lora=lora)
 
   def step(params, batch):
     logits, _ = forward.apply(params, batch["tokens"], batch["positions"], batch["segment_ids"])
