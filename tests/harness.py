@@ -1,5 +1,6 @@
-"""Running the project's binaries as child processes in tests: ports from the OS, children always killed and reaped,
-jax.distributed groups retried when another process took their coordinator port, and bin/train runs read back."""
+"""Running the project's binaries and scripts as child processes in tests: ports from the OS, children always killed
+and reaped, jax.distributed groups retried when another process took their coordinator port, simulated-device runs
+of tests/sharding_scripts/, and bin/train runs read back."""
 
 import json
 import os
@@ -15,6 +16,7 @@ from typing import Callable, Sequence
 from llama_hk import checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "tests" / "sharding_scripts"
 
 
 def devices(count: int) -> dict:
@@ -60,6 +62,25 @@ def run_group(make_commands: Callable[[int], Sequence[Command]], timeout: float,
     if not any(r.returncode and BIND_RACE.search(r.stderr) for r in results):
       break
   return results
+
+
+def run_python(args, device_count: int = 8, timeout: float = 600) -> subprocess.CompletedProcess:
+  """A Python script or binary with `device_count` simulated CPU devices and the tests' matmul precision."""
+  [result] = run_children([([sys.executable, *args], {**devices(device_count), "JAX_DEFAULT_MATMUL_PRECISION":
+                                                       "highest"})], timeout)
+  return result
+
+
+def run_on_meshes(script: str, checkpoint, meshes: dict, *args) -> dict:
+  """A tests/sharding_scripts/ script's last stdout line (JSON): the checkpoint run on each named mesh."""
+  result = run_python([SCRIPTS / script, checkpoint, *args, json.dumps(meshes)])
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def sharded_logit_diffs(checkpoint, meshes: dict, batch: int = 8) -> dict:
+  """{mesh name: max abs logit difference to one device, ...} of the checkpoint on each mesh."""
+  return run_on_meshes("sharded_logits.py", checkpoint, meshes, batch)
 
 
 def train_command(model_dir, args, **bindings) -> list[str]:

@@ -17,9 +17,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llama_hk import sharding
 from llama_hk.config import LlamaConfig, num_params
 from llama_hk.errors import UserError
-from harness import REPO, devices, run_children, run_group
+import harness
+from harness import REPO, devices, run_group, sharded_logit_diffs
 
-SCRIPTS = REPO / "tests" / "sharding_scripts"
 
 
 def test_sharding_helpers_on_one_device():
@@ -47,20 +47,7 @@ def test_sharding_helpers_on_one_device():
 
 
 def run(args, device_count=8):
-  [result] = run_children([([sys.executable, *args], {**devices(device_count), "JAX_DEFAULT_MATMUL_PRECISION":
-                                                       "highest"})], timeout=600)
-  return result
-
-
-def run_on_meshes(script, checkpoint, meshes, *args):
-  """A tests/scripts/ script's last stdout line (JSON): the checkpoint run on each named mesh."""
-  result = run([SCRIPTS / script, checkpoint, *args, json.dumps(meshes)])
-  assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def sharded_logit_diffs(checkpoint, meshes, batch=8):
-  return run_on_meshes("sharded_logits.py", checkpoint, meshes, batch)
+  return harness.run_python(args, device_count)
 
 
 @pytest.mark.slow
@@ -84,7 +71,7 @@ def test_random_gqa_model_sharded_logits_equal_one_device(tiny_hf_model, tmp_pat
 
 
 def sharded_generations(checkpoint, meshes, max_new_tokens=16):
-  return run_on_meshes("sharded_generate.py", checkpoint, meshes, max_new_tokens)
+  return harness.run_on_meshes("sharded_generate.py", checkpoint, meshes, max_new_tokens)
 
 
 @pytest.mark.slow

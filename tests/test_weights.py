@@ -22,7 +22,7 @@ from llama_hk import sharding
 from llama_hk.config import LlamaConfig
 from llama_hk.models import llama
 from llama_hk.ops import dense
-from test_sharding import sharded_logit_diffs
+from harness import run_children, sharded_logit_diffs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HELD_OUT_PLAY = "twelfth_night.txt"  # One of data.builders.VALIDATION_WORKS.
@@ -168,7 +168,8 @@ def test_narrow_weights_perplexity_on_held_out_play(smollm2, shakespeare_dir):
 
 
 def _binary(*args) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=300)
+  [result] = run_children([([sys.executable, *args], None)], timeout=300)
+  return result
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,8 @@ def evaluate_split(checkpoint: str | os.PathLike, source: Iterable[str], eval_da
 def evaluate_tasks(checkpoint: str | os.PathLike, tasks: list[str], include_path: str | None = None,
                    include_defaults: bool = True, num_fewshot: int | None = None, limit: float | None = None,
                    batch_size: int | None = None, apply_chat_template: bool = False, log_samples: bool = False,
-                   compute_dtype: str = "float32", mesh=None, adapter: str | None = None) -> dict:
+                   compute_dtype: str = "float32", mesh=None, adapter: str | None = None,
+                   weights: str | None = None) -> dict:
   """The harness's results dictionary for `tasks` on the checkpoint (model `llama_hk`, `harness.LlamaHkLM`).
 
   Args:
@@ -73,6 +74,6 @@ def evaluate_tasks(checkpoint: str | os.PathLike, tasks: list[str], include_path
 
   manager = harness.task_manager(include_path, include_defaults)
   harness.check_tasks(manager, tasks)  # Before the checkpoint is read.
-  ckpt = _load(checkpoint, compute_dtype, mesh, adapter)
+  ckpt = _load(checkpoint, compute_dtype, mesh, adapter, weights)
   lm = harness.LlamaHkLM(ckpt.config, ckpt.params, ckpt.tokenizer, mesh=mesh, lora=ckpt.lora, batch_size=batch_size)
   return harness.evaluate(lm, tasks, manager, num_fewshot, limit, apply_chat_template, log_samples)
