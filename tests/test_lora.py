@@ -45,7 +45,8 @@ def _batches(vocab: int, count: int, seed: int, batch: int = 2, length: int = 10
 def _peft_steps(model, batches) -> list[float]:
   """PEFT's training: AdamW (a fresh one) on the adapter's parameters only."""
   trained = [p for p in model.parameters() if p.requires_grad]
-  return reference.torch_adamw_steps(model, [{"params": trained, "weight_decay": HYPER["weight_decay"]}], batches, HYPER)
+  return reference.torch_adamw_steps(model, [{"params": trained, "weight_decay": HYPER["weight_decay"]}], batches,
+                                     HYPER)
 
 
 def _peft_adapter(model) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ embeddings, after global-norm clipping, on a linear-warmup-then-cosine (or const
 
 from typing import Any, Callable, NamedTuple
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import optax
@@ -32,7 +33,7 @@ class TrainState(NamedTuple):
   step: jax.Array  # int32 scalar: updates applied so far.
   params: Any  # The trained parameters, float32 masters: the Haiku parameter tree, or with LoRA the adapter's.
   opt_state: Any  # optax state: AdamW moments shaped like params, and counters.
-  rng: jax.Array  # uint32 key data: LoRA dropout's masks are drawn from it folded with the step (a resume redraws them).
+  rng: jax.Array  # uint32 key data: LoRA dropout's masks come from it folded with the step (a resume redraws them).
   base: Any = None  # With LoRA: the frozen base parameters (no gradient, no optimizer state); else None.
 
 
@@ -116,6 +117,11 @@ def _micro_batches(batch: dict, count: int) -> dict:
   return {key: split(batch[key]) for key in BATCH_KEYS}
 
 
+def _forward(config: LlamaConfig, lora: lora_lib.LoraConfig | None) -> hk.Transformed:
+  """The model the state's parameters run: with LoRA, the adapter over its base (int8 base: int8 matrices)."""
+  return make_forward(config if lora is None else lora.base_config(config), lora=lora)
+
+
 def make_train_step(config: LlamaConfig, optimizer: Optimizer, z_loss_weight: float = 0.0,
                     grad_accum_steps: int = 1, lora: lora_lib.LoraConfig | None = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
@@ -123,7 +129,7 @@ def make_train_step(config: LlamaConfig, optimizer: Optimizer, z_loss_weight: fl
 
   With `lora`, the gradient is the adapter's only; the base passes through unchanged.
   """
-  forward = make_forward(config if lora is None else lora.base_config(config), lora=lora)
+  forward = _forward(config, lora)
 
   def step(state: TrainState, batch: dict):
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
@@ -148,8 +154,8 @@ def make_train_step(config: LlamaConfig, optimizer: Optimizer, z_loss_weight: fl
         grads, (loss, z_loss) = grad_fn(state.params, *indexed)
         return jax.tree.map(jnp.add, carry, (grads, loss, z_loss)), None
       zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
-      micro_batches = (_micro_batches(batch, grad_accum_steps), jnp.arange(grad_accum_steps))
-      (grads, loss, z_loss), _ = jax.lax.scan(accumulate, zeros, micro_batches)
+      indices = jnp.arange(grad_accum_steps) if lora is not None and lora.dropout else None  # Dropout's key only.
+      (grads, loss, z_loss), _ = jax.lax.scan(accumulate, zeros, (_micro_batches(batch, grad_accum_steps), indices))
     updates, opt_state = optimizer.transform.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "z_loss": z_loss, "learning_rate": optimizer.learning_rate(state.step),
@@ -163,7 +169,7 @@ def make_eval_step(config: LlamaConfig, lora: lora_lib.LoraConfig | None = None
                    ) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
   """params, batch -> (summed NLL in nats, scored tokens) over the batch's masked tokens; with `lora`, params are
   `ops.lora.combine(base, adapter)`."""
-  forward = make_forward(config if lora is None else lora.base_config(config), lora=lora)
+  forward = _forward(config, lora)
 
   def step(params, batch):
     logits, _ = forward.apply(params, batch["tokens"], batch["positions"], batch["segment_ids"])
