@@ -56,10 +56,11 @@ def test_real_model_sharded_logits_equal_one_device(smollm2_llama_hk):
   # (the random model below covers the other mesh shapes).
   diffs = sharded_logit_diffs(smollm2_llama_hk, {"fsdp": [1, 8, 1], "data_tensor": [2, 1, 3]})
   # Equal up to float32 rounding, relative to the logits' scale. Tensor parallelism reorders the sums over heads and
-  # the MLP hidden; FSDP does not, but a device's smaller batch changes the CPU matmul's blocking of its sums, which
-  # 30 layers amplify: Intel Xeon gave <= 1e-5 absolute, AMD EPYC 3.5e-4 on logits of 35.6 (9.7e-6 relative).
-  for name, diff in diffs.items():
-    assert diff["max_abs"] <= 2e-5 * diff["max_logit"], (name, diffs)
+  # the MLP hidden. FSDP does not, but a device's smaller batch changes the CPU matmul's blocking of its sums, which
+  # 30 layers amplify: Intel Xeon gave <= 1e-5 absolute, AMD EPYC 3.5e-4 on logits of 35.6 (9.7e-6 relative), so
+  # FSDP alone gets 2e-5.
+  for name, relative in (("fsdp", 2e-5), ("data_tensor", 1e-5)):
+    assert diffs[name]["max_abs"] <= relative * diffs[name]["max_logit"], (name, diffs)
   assert diffs["fsdp"]["devices"] == 8 and diffs["data_tensor"]["devices"] == 6
 
 
