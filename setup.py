@@ -51,6 +51,8 @@ TEST_REQUIRES = [
     *SERVE_REQUIRES,
     *EVAL_REQUIRES,
     "openai>=1.30",  # The official client: the serving tests speak to bin/serve only through it.
+    # The harness's `local-completions` model (lm-eval's [api] extra) scores the test tasks through bin/serve.
+    "lm-eval[api]>=0.4.9",
     "peft>=0.11",  # The reference for LoRA: adapters written here must load in peft, and peft's here.
     # References only: transformers' PyTorch LLaMA is the independent implementation we compare against.
     "torch==2.13.0",  # Pinned: its CPU wheel is what this project tests with; other versions pull CUDA builds.

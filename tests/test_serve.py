@@ -19,6 +19,8 @@ import numpy as np
 import openai
 import pytest
 
+import eval_tasks
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODEL = "smollm2"
 MAX_BATCH = 4
@@ -331,6 +333,40 @@ def test_n_samples_with_a_seed_differ_and_reproduce(server):
   first = sample()
   assert len(first) == 2 and first[0] != first[1]
   assert sample() == first
+
+
+def test_lm_eval_local_completions_equals_the_native_backend(server, smollm2_hf_dir, tmp_path):
+  """lm-evaluation-harness's `local-completions` model pointed at the server scores the test tasks (multiple choice,
+  rolling, generation) as the native `llama_hk` backend does on the same weights: every request's log-likelihood
+  <= 1e-4 apart, is_greedy and generated text equal, and the same acc, acc_norm and exact_match."""
+  import lm_eval
+  from llama_hk import checkpoints
+  from llama_hk.eval import harness
+
+  manager = harness.task_manager(str(eval_tasks.write_tasks(tmp_path / "tasks")), include_defaults=False)
+  served = lm_eval.simple_evaluate(
+      model="local-completions", tasks=list(eval_tasks.TASKS), task_manager=manager, log_samples=True,
+      bootstrap_iters=0, model_args={"model": MODEL, "base_url": f"{server.url}/v1/completions",
+                                     "tokenizer_backend": "huggingface", "tokenizer": str(smollm2_hf_dir),
+                                     "max_length": MAX_SEQ_LEN, "num_concurrent": 1, "max_retries": 1})
+  ckpt = checkpoints.load(smollm2_hf_dir)
+  native = harness.evaluate(harness.LlamaHkLM(ckpt.config, ckpt.params, ckpt.tokenizer, batch_size=4,
+                                              max_length=MAX_SEQ_LEN),
+                            list(eval_tasks.TASKS), manager, log_samples=True)
+  for task in eval_tasks.TASKS:
+    pairs = list(zip(served["samples"][task], native["samples"][task], strict=True))
+    assert pairs
+    for a, b in pairs:
+      assert a["doc_id"] == b["doc_id"]
+      for x, y in zip(a["filtered_resps"], b["filtered_resps"], strict=True):
+        if task == "hk_mc":
+          assert abs(x[0] - y[0]) <= 1e-4 and x[1] == y[1], (task, a["doc_id"], x, y)
+        elif task == "hk_rolling":
+          assert abs(x - y) <= 1e-4, (task, a["doc_id"], x, y)
+        else:
+          assert x == y, (task, a["doc_id"], x, y)
+    for name in {"hk_mc": ("acc,none", "acc_norm,none"), "hk_rolling": (), "hk_gen": ("exact_match,none",)}[task]:
+      assert served["results"][task][name] == native["results"][task][name], (task, name)
 
 
 def test_sigterm_ends_streams_and_exits(server):
