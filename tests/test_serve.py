@@ -5,6 +5,7 @@ full forward pass and transformers', cancellation, a full queue, bad requests, s
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import pathlib
@@ -57,11 +58,11 @@ class Server:
     return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=120)
 
 
-@pytest.fixture(scope="module")
-def server(smollm2_hf_dir):
-  process = subprocess.Popen([sys.executable, str(REPO / "bin" / "serve"), f"--checkpoint={smollm2_hf_dir}",
-                              "--port=0", f"--model_name={MODEL}", f"--max_batch={MAX_BATCH}",
-                              f"--max_queue={MAX_QUEUE}", f"--max_seq_len={MAX_SEQ_LEN}"],
+@contextlib.contextmanager
+def serving(checkpoint, *flags: str):
+  """bin/serve on `checkpoint` at a free port, once /health says 200 (503 seen first); killed and reaped after."""
+  process = subprocess.Popen([sys.executable, str(REPO / "bin" / "serve"), f"--checkpoint={checkpoint}",
+                              "--port=0", f"--model_name={MODEL}", *flags],
                              stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO)
   try:
     first = process.stderr.readline()
@@ -85,6 +86,13 @@ def server(smollm2_hf_dir):
       process.kill()
     process.wait(timeout=30)
     process.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_hf_dir):
+  with serving(smollm2_hf_dir, f"--max_batch={MAX_BATCH}", f"--max_queue={MAX_QUEUE}",
+               f"--max_seq_len={MAX_SEQ_LEN}") as s:
+    yield s
 
 
 @pytest.fixture(scope="module")
@@ -381,3 +389,34 @@ def test_sigterm_ends_streams_and_exits(server):
       signalled = time.monotonic()
   assert chunks[-1].choices[0].finish_reason is not None and len(chunks) < 200
   assert server.process.wait(timeout=10) == 0 and time.monotonic() - signalled < 10
+
+
+def test_adapter_is_served_merged_as_peft_generates(tiny_hf_model, smollm2_hf_dir, tmp_path):
+  """--adapter: a peft-written LoRA adapter (B non-zero) on a random model; greedy completions equal peft's
+  generate on the same prompt, and differ from the base model's."""
+  import peft
+  import shutil
+  import torch
+
+  base = tiny_hf_model(seed=21, vocab_size=49152, weight_std=0.1, max_position_embeddings=64)
+  base.save_pretrained(tmp_path / "base")
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(smollm2_hf_dir / name, tmp_path / "base" / name)
+  torch.manual_seed(0)
+  tuned = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM",
+                                                    target_modules=["q_proj", "v_proj", "down_proj"]))
+  tuned.save_pretrained(tmp_path / "adapter")
+  prompt = [1, 504, 3326, 282, 253, 1345, 30]
+  with torch.no_grad():
+    expected = tuned.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)
+    logits = tuned(torch.tensor([expected[0].tolist()])).logits[0, len(prompt) - 1:-1]
+    with tuned.disable_adapter():
+      plain = tuned.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)
+  top2 = logits.topk(2).values
+  assert (top2[:, 0] - top2[:, 1]).min() > 1e-3  # Greedy ids are well defined at every step.
+  expected, plain = expected[0, len(prompt):].tolist(), plain[0, len(prompt):].tolist()
+  assert len(expected) == 16 and expected != plain  # No end-of-sequence id among them.
+  with serving(tmp_path / "base", f"--adapter={tmp_path / 'adapter'}", "--max_batch=1", "--max_seq_len=64") as s:
+    r = s.client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
+                                    extra_body={"return_token_ids": True})
+  assert r.choices[0].model_extra["token_ids"] == expected

@@ -25,7 +25,8 @@ FLAGS = flags.FLAGS
 
 
 def define_adapter_flag() -> None:
-  """--adapter, for the binaries that apply a LoRA adapter to a checkpoint (bin/eval, bin/generate, bin/convert)."""
+  """--adapter, for the binaries that apply a LoRA adapter to a checkpoint (bin/eval, bin/generate, bin/convert,
+  bin/serve)."""
   flags.DEFINE_string("adapter", None, "A PEFT LoRA adapter directory (ours or one `peft` wrote) applied to the "
                       "checkpoint's model; a LoRA training model_dir applies its latest adapter by itself.")
 

@@ -18,6 +18,7 @@ import uvicorn
 from llama_hk import checkpoints
 from llama_hk.errors import UserError
 from llama_hk.inference.generator import Generator
+from llama_hk.ops import lora
 from llama_hk.serving.api import State, create_app
 from llama_hk.serving.engine import Engine
 
@@ -63,7 +64,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
           max_seq_len: int | None = None, max_queue: int = 64, model_name: str | None = None,
-          dtype: str | None = None, mesh=None) -> None:
+          dtype: str | None = None, adapter: str | None = None, mesh=None) -> None:
   """Serves `checkpoint` (any kind `checkpoints.load` reads) until SIGTERM or SIGINT.
 
   Args:
@@ -74,6 +75,8 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, max_bat
       decode step reads a cache of this many slots, so a smaller one decodes faster.
     model_name: the name requests must give (default: the checkpoint's file or directory name).
     dtype: parameter dtype (default: as stored).
+    adapter: a PEFT LoRA adapter directory, merged into the served weights (a LoRA training model_dir's own
+      adapter is merged without it).
     mesh: must be None: the engine runs on one device.
   """
   config = checkpoints.load_config(checkpoint)  # A bad path fails here, before the server starts.
@@ -95,11 +98,12 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, max_bat
 
   def load():
     try:
-      ckpt = checkpoints.load(checkpoint, dtype=dtype)
+      ckpt = checkpoints.load(checkpoint, dtype=dtype, adapter=adapter)
       if ckpt.tokenizer is None:
         raise UserError(f"{checkpoint}: the checkpoint carries no tokenizer")
-      engine = Engine(Generator(ckpt.config, ckpt.params, ckpt.tokenizer, max_batch=max_batch), max_seq_len,
-                      max_queue)
+      # Decoding reads each weight once a token: the adapter is folded into the served copy, as bin/generate does.
+      params = ckpt.params if ckpt.lora is None else lora.merged(ckpt.params, ckpt.lora)
+      engine = Engine(Generator(ckpt.config, params, ckpt.tokenizer, max_batch=max_batch), max_seq_len, max_queue)
       engine.start()
       engine.warm_up()
       state.engine = engine
