@@ -21,6 +21,7 @@ import openai
 import pytest
 
 import eval_tasks
+import harness
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODEL = "smollm2"
@@ -59,10 +60,10 @@ class Server:
 
 
 @contextlib.contextmanager
-def serving(checkpoint, *flags: str):
+def serving(checkpoint, *flags: str, env: dict | None = None):
   """bin/serve on `checkpoint` at a free port, once /health says 200 (503 seen first); killed and reaped after."""
   process = subprocess.Popen([sys.executable, str(REPO / "bin" / "serve"), f"--checkpoint={checkpoint}",
-                              "--port=0", f"--model_name={MODEL}", *flags],
+                              "--port=0", f"--model_name={MODEL}", *flags], env={**os.environ, **(env or {})},
                              stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO)
   try:
     first = process.stderr.readline()
@@ -391,32 +392,71 @@ def test_sigterm_ends_streams_and_exits(server):
   assert server.process.wait(timeout=10) == 0 and time.monotonic() - signalled < 10
 
 
-def test_adapter_is_served_merged_as_peft_generates(tiny_hf_model, smollm2_hf_dir, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_hf_model, smollm2_hf_dir, tmp_path_factory):
+  """A random GQA model (4/2 heads) with SmolLM2's tokenizer, saved by transformers."""
+  import shutil
+
+  directory = tmp_path_factory.mktemp("tiny_serve")
+  tiny_hf_model(seed=21, vocab_size=49152, weight_std=0.1, max_position_embeddings=64).save_pretrained(directory)
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(smollm2_hf_dir / name, directory / name)
+  return directory
+
+
+def _greedy_ids(model, prompt, new_tokens: int = 16) -> list[int]:
+  """transformers' greedy continuation of `prompt`, checked to be well defined (top-2 logit gap > 1e-3 at every
+  step) and free of end-of-sequence ids."""
+  import torch
+
+  with torch.no_grad():
+    ids = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)[0]
+    top2 = model(ids[None]).logits[0, len(prompt) - 1:-1].topk(2).values
+  assert (top2[:, 0] - top2[:, 1]).min() > 1e-3 and len(ids) == len(prompt) + new_tokens
+  return ids[len(prompt):].tolist()
+
+
+def test_adapter_is_served_merged_as_peft_generates(tiny_dir, tmp_path):
   """--adapter: a peft-written LoRA adapter (B non-zero) on a random model; greedy completions equal peft's
   generate on the same prompt, and differ from the base model's."""
   import peft
-  import shutil
   import torch
+  import transformers
 
-  base = tiny_hf_model(seed=21, vocab_size=49152, weight_std=0.1, max_position_embeddings=64)
-  base.save_pretrained(tmp_path / "base")
-  for name in ("tokenizer.json", "tokenizer_config.json"):
-    shutil.copy(smollm2_hf_dir / name, tmp_path / "base" / name)
+  base = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation="eager")
   torch.manual_seed(0)
   tuned = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM",
-                                                    target_modules=["q_proj", "v_proj", "down_proj"]))
+                                                    target_modules=["q_proj", "v_proj", "down_proj"])).eval()
   tuned.save_pretrained(tmp_path / "adapter")
   prompt = [1, 504, 3326, 282, 253, 1345, 30]
-  with torch.no_grad():
-    expected = tuned.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)
-    logits = tuned(torch.tensor([expected[0].tolist()])).logits[0, len(prompt) - 1:-1]
-    with tuned.disable_adapter():
-      plain = tuned.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)
-  top2 = logits.topk(2).values
-  assert (top2[:, 0] - top2[:, 1]).min() > 1e-3  # Greedy ids are well defined at every step.
-  expected, plain = expected[0, len(prompt):].tolist(), plain[0, len(prompt):].tolist()
-  assert len(expected) == 16 and expected != plain  # No end-of-sequence id among them.
-  with serving(tmp_path / "base", f"--adapter={tmp_path / 'adapter'}", "--max_batch=1", "--max_seq_len=64") as s:
+  expected = _greedy_ids(tuned, prompt)
+  with tuned.disable_adapter():
+    assert _greedy_ids(tuned, prompt) != expected
+  with serving(tiny_dir, f"--adapter={tmp_path / 'adapter'}", "--max_batch=1", "--max_seq_len=64") as s:
     r = s.client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
                                     extra_body={"return_token_ids": True})
   assert r.choices[0].model_extra["token_ids"] == expected
+
+
+def test_sharded_server_on_eight_devices_equals_transformers(tiny_dir):
+  """--gin_file=gin/sharding/data_fsdp_tensor.gin on 8 simulated devices (data 2 x fsdp 2 x tensor 2): three
+  concurrent greedy requests return transformers' greedy ids."""
+  import torch
+  import transformers
+
+  model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation="eager")
+  prompts = [[1, 504, 3326, 282, 253, 1345, 30], [17, 9000, 4242], [1, 2500, 31, 77, 12000]]
+  expected = [_greedy_ids(model.eval(), p) for p in prompts]
+
+  async def complete(s, prompt):
+    async with s.async_client() as client:
+      return await client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
+                                             extra_body={"return_token_ids": True})
+
+  async def all_at_once(s):
+    return await asyncio.gather(*(complete(s, p) for p in prompts))
+
+  with serving(tiny_dir, "--gin_file=gin/sharding/data_fsdp_tensor.gin", "--max_batch=4", "--max_seq_len=64",
+               env=harness.EIGHT_DEVICES) as s:
+    responses = asyncio.run(all_at_once(s))
+  assert [r.choices[0].model_extra["token_ids"] for r in responses] == expected

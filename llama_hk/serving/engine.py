@@ -195,8 +195,9 @@ class Engine:
   """The decode loop's thread and its rows; `submit` from any thread."""
 
   def __init__(self, generator: Generator, max_seq_len: int, max_queue: int = 64):
-    """generator: the model, on one device (no mesh); max_seq_len: each sequence's context, at most the model's;
-    max_queue: requests that may wait for a row."""
+    """generator: the model, on one device or sharded over its mesh (the cache and activations follow the
+    parameters' shardings); max_seq_len: each sequence's context, at most the model's; max_queue: requests that
+    may wait for a row."""
     self.generator = generator
     self.config = generator.config
     self.tokenizer = generator.tokenizer

@@ -13,6 +13,7 @@ import socket
 import sys
 import threading
 
+import jax
 import uvicorn
 
 from llama_hk import checkpoints
@@ -77,14 +78,15 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, max_bat
     dtype: parameter dtype (default: as stored).
     adapter: a PEFT LoRA adapter directory, merged into the served weights (a LoRA training model_dir's own
       adapter is merged without it).
-    mesh: must be None: the engine runs on one device.
+    mesh: a `sharding.make_mesh` mesh over this host's devices to shard the parameters over (None: one device).
   """
   config = checkpoints.load_config(checkpoint)  # A bad path fails here, before the server starts.
   max_seq_len = config.max_seq_len if max_seq_len is None else max_seq_len
   if not 1 <= max_seq_len <= config.max_seq_len:
     raise UserError(f"--max_seq_len={max_seq_len}: must be in [1, {config.max_seq_len}] (the model's)")
-  if mesh is not None:
-    raise UserError("serving runs on one device: drop the sharding --gin_file")
+  if mesh is not None and mesh.devices.size > jax.local_device_count():
+    raise UserError(f"the sharding --gin_file's mesh spans {mesh.devices.size} devices, more than this host's "
+                    f"{jax.local_device_count()}: bin/serve runs on one host")
   if max_batch < 1 or max_queue < 0:
     raise UserError(f"--max_batch={max_batch} must be >= 1 and --max_queue={max_queue} >= 0")
   name = model_name or pathlib.Path(checkpoint).name
@@ -98,12 +100,13 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, max_bat
 
   def load():
     try:
-      ckpt = checkpoints.load(checkpoint, dtype=dtype, adapter=adapter)
+      ckpt = checkpoints.load(checkpoint, dtype=dtype, adapter=adapter, mesh=mesh)
       if ckpt.tokenizer is None:
         raise UserError(f"{checkpoint}: the checkpoint carries no tokenizer")
       # Decoding reads each weight once a token: the adapter is folded into the served copy, as bin/generate does.
       params = ckpt.params if ckpt.lora is None else lora.merged(ckpt.params, ckpt.lora)
-      engine = Engine(Generator(ckpt.config, params, ckpt.tokenizer, max_batch=max_batch), max_seq_len, max_queue)
+      generator = Generator(ckpt.config, params, ckpt.tokenizer, max_batch=max_batch, mesh=mesh)
+      engine = Engine(generator, max_seq_len, max_queue)
       engine.start()
       engine.warm_up()
       state.engine = engine
