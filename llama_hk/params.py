@@ -216,6 +216,12 @@ def unpermute_gguf_rows(array: np.ndarray, heads: int) -> np.ndarray:
   return array.reshape(heads, rows // heads // 2, 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
 
 
+def permute_gguf_rows(array: np.ndarray, heads: int) -> np.ndarray:
+  """llama.cpp's Q/K row permutation (rotate-half -> adjacent pairs) of a (heads*K, D) weight, as GGUF stores it."""
+  rows = array.shape[0]
+  return array.reshape(heads, 2, rows // heads // 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
+
+
 def quantized(tree: Mapping) -> dict:
   """The int8 tree of a float tree (NumPy or jax leaves): each quantizable leaf as int8 with its scale leaf after
   it, every other leaf float32."""

@@ -1,6 +1,6 @@
 """Reading and writing checkpoints: Hugging Face directories, GGUF files, llama_hk's own format and training
-model_dirs, each a `formats.Format` (hf.py, gguf.py, native.py) found by `formats.detect`; and PEFT LoRA adapters
-(peft.py) applied to any of them.
+model_dirs, each a `formats.Format` (hf.py, gguf.py, native.py) found by `formats.detect`; PEFT LoRA adapters
+(peft.py) applied to any of them; and GGUF files written for llama.cpp (gguf_export.py).
 
 Every reader assembles parameters tensor by tensor (leaves.py), on the host, the default device or straight into
 their shards over a mesh, so a load holds the parameters plus one tensor.
@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 from llama_hk import params
 from llama_hk import sharding
 from llama_hk.checkpoints import formats
+from llama_hk.checkpoints import gguf_export
 from llama_hk.checkpoints import peft
 from llama_hk.checkpoints.hf import export as export_hf
 from llama_hk.checkpoints.leaves import Placement
@@ -81,16 +82,24 @@ def load(path: str | os.PathLike, dtype: str | None = None, on_device: bool = Tr
 
 
 def convert(source: str | os.PathLike, output: str | os.PathLike, output_format: str = "llama_hk",
-            dtype: str | None = None, adapter: str | os.PathLike | None = None, merge_lora: bool = False) -> None:
-  """Any checkpoint to llama_hk (streamed: one leaf in memory at a time) or to an HF directory, or the LoRA
-  adapter of `adapter` (or of a LoRA training model_dir) alone as a PEFT directory ("peft").
+            dtype: str | None = None, adapter: str | os.PathLike | None = None, merge_lora: bool = False,
+            gguf_type: str = "f32") -> None:
+  """Any checkpoint to llama_hk (streamed: one leaf in memory at a time), to an HF directory or to one GGUF file
+  ("gguf", its matrices in `gguf_type`), or the LoRA adapter of `adapter` (or of a LoRA training model_dir) alone
+  as a PEFT directory ("peft").
 
-  With `merge_lora`, the adapter is folded into the weights of the llama_hk or HF output. `dtype` is a param_dtype
-  (int8: quantized tensor by tensor as read, llama_hk output only); an int8 checkpoint is written to HF in float32.
+  With `merge_lora`, the adapter is folded into the weights of the llama_hk, HF or GGUF output. `dtype` is a
+  param_dtype (int8: quantized tensor by tensor as read, llama_hk output only); an int8 checkpoint is written to HF
+  and GGUF from its dequantized weights.
   """
-  if output_format == "hf" and dtype == "int8":
+  if output_format in ("hf", "gguf") and dtype == "int8":
     raise UserError("--weights=int8 is written as a llama_hk checkpoint only (--output_format=llama_hk)")
-  check_output_dir(output)  # Before anything is read.
+  if output_format == "gguf":
+    gguf_export.check_type(gguf_type)
+    if pathlib.Path(output).exists():
+      raise UserError(f"{output}: already exists")
+  else:
+    check_output_dir(output)  # Before anything is read.
   adapter = adapter or peft.model_dir_adapter(pathlib.Path(source))
   if (merge_lora or output_format == "peft") and adapter is None:
     raise UserError(f"--input={source}: has no LoRA adapter (give --adapter=DIR, or a LoRA training model_dir)")
@@ -100,13 +109,15 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, output_format:
     ckpt = load(source, dtype=dtype, on_device=False, adapter=adapter)
     _, adapter_tree = lora_lib.split(ckpt.params, ckpt.lora)
     peft.write(output, adapter_tree, ckpt.config, ckpt.lora, peft.base_name(adapter))
-  elif merge_lora or output_format == "hf":
-    if output_format == "hf" and dtype is None and load_config(source).param_dtype == "int8":
-      dtype = "float32"  # HF has no int8 layout of ours: its dequantized weights.
+  elif merge_lora or output_format in ("hf", "gguf"):
+    if output_format != "llama_hk" and dtype is None and load_config(source).param_dtype == "int8":
+      dtype = "float32"  # HF and GGUF have no int8 layout of ours: its dequantized weights.
     ckpt = load(source, dtype=dtype, on_device=False, adapter=adapter)
     tree = lora_lib.merged(ckpt.params, ckpt.lora) if merge_lora else ckpt.params
     if output_format == "hf":
       export_hf(output, ckpt.config, tree, ckpt.tokenizer)
+    elif output_format == "gguf":
+      gguf_export.export(output, ckpt.config, tree, ckpt.tokenizer, gguf_type)
     else:
       save(output, ckpt.config, tree, ckpt.tokenizer)
   else:

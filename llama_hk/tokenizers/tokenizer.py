@@ -47,6 +47,7 @@ class Tokenizer:
     self.bos_id = self._special_id("bos_token")
     self.eos_id = self._special_id("eos_token")
     self.pad_id = self._special_id("pad_token")
+    self.unk_id = self._special_id("unk_token")
     if self._spm is not None:
       self.bos_id = self.bos_id if self.bos_id is not None else _none_if_negative(self._spm.bos_id())
       self.eos_id = self.eos_id if self.eos_id is not None else _none_if_negative(self._spm.eos_id())

@@ -1,0 +1,144 @@
+"""GGUF export against llama.cpp's own converter and transformers' GGUF loader.
+
+A random GQA model with SmolLM2's BPE tokenizer, saved by transformers, goes HF -> llama_hk -> GGUF through
+`bin/convert`; llama.cpp's convert_hf_to_gguf.py (../shared/tools/llama.cpp) converts the same HF directory. The two
+files must hold the same metadata and tensors, and transformers must load ours as the original model.
+"""
+
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import harness
+
+LLAMA_CPP = harness.REPO.parent / "shared" / "tools" / "llama.cpp"
+TYPES = ("f32", "f16", "bf16", "q8_0")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tiny_hf_model, smollm2_hf_dir, tmp_path_factory) -> pathlib.Path:
+  """A random model (4/2 heads, untied head) with SmolLM2's tokenizer and chat template; d_model and d_ff are
+  multiples of Q8_0's 32-value blocks."""
+  directory = tmp_path_factory.mktemp("export") / "tiny"
+  model = tiny_hf_model(seed=5, vocab_size=49152, hidden_size=64, intermediate_size=128, weight_std=0.1)
+  model.save_pretrained(directory)
+  for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    shutil.copy(smollm2_hf_dir / name, directory / name)
+  return directory
+
+
+@pytest.fixture(scope="module")
+def exports(hf_dir, tmp_path_factory) -> dict:
+  """{type: (our GGUF, llama.cpp's GGUF)}: ours from a llama_hk conversion of hf_dir (f32 through bin/convert, the
+  others by the library call it makes), llama.cpp's from hf_dir; the converter runs go side by side. Both are
+  named as llama.cpp names the directory's model (general.name "Tiny")."""
+  from llama_hk import checkpoints
+
+  out = tmp_path_factory.mktemp("gguf")
+  checkpoints.convert(hf_dir, out / "llama_hk")
+  files = {t: (out / "ours" / t / "Tiny.gguf", out / "llama_cpp" / t / "Tiny.gguf") for t in TYPES}
+  for ours, theirs in files.values():
+    ours.parent.mkdir(parents=True)
+    theirs.parent.mkdir(parents=True)
+  reference = {"PYTHONPATH": f"{LLAMA_CPP / 'gguf-py'}:{LLAMA_CPP}"}
+  results = harness.run_children(
+      [([sys.executable, "bin/convert", f"--input={out / 'llama_hk'}", f"--output={files['f32'][0]}",
+         "--output_format=gguf", "--gguf_type=f32"], None)]
+      + [([sys.executable, LLAMA_CPP / "convert_hf_to_gguf.py", hf_dir, "--outfile", theirs, "--outtype", t], reference)
+         for t, (_, theirs) in files.items()], timeout=300)
+  for r in results:
+    assert r.returncode == 0, r.stderr[-2000:]
+  for t in TYPES[1:]:
+    checkpoints.convert(out / "llama_hk", files[t][0], "gguf", gguf_type=t)
+  return files
+
+
+def test_export_equals_llama_cpp_converter(exports):
+  """Every type's file is byte for byte the one llama.cpp's converter writes for the same model (metadata keys
+  and values, tokenizer and its pre-tokenizer name, tensor order, types, Q/K rows, alignment); llama.cpp's
+  gguf-py reader lists in ours what the converter writes."""
+  for gguf_type, (ours, theirs) in exports.items():
+    assert ours.read_bytes() == theirs.read_bytes(), gguf_type
+  sys.path.insert(0, str(LLAMA_CPP / "gguf-py"))
+  try:
+    import gguf
+    reader = gguf.GGUFReader(exports["q8_0"][0])
+  finally:
+    sys.path.remove(str(LLAMA_CPP / "gguf-py"))
+  fields = reader.fields
+  assert (fields["general.architecture"].contents(), fields["tokenizer.ggml.model"].contents(),
+          fields["tokenizer.ggml.pre"].contents(), fields["general.file_type"].contents()) == ("llama", "gpt2",
+                                                                                               "smollm", 7)
+  kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+  assert kinds["blk.0.attn_q.weight"] == "Q8_0" and kinds["blk.0.attn_norm.weight"] == "F32" and len(kinds) == 21
+
+
+def test_transformers_loads_the_f32_export_as_the_original(exports, hf_dir, shakespeare_dir):
+  """transformers' GGUF loader on our f32 file: logits equal the HF original's <= 1e-4, and its tokenizer gives
+  the original tokenizer's ids on a play's opening."""
+  import torch
+  import transformers
+
+  path = exports["f32"][0]
+  text = (shakespeare_dir / "julius_caesar.txt").read_text()[:3000]
+  original = transformers.AutoTokenizer.from_pretrained(hf_dir)
+  loaded = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+  ids = original(text)["input_ids"]
+  assert loaded(text)["input_ids"] == ids and len(ids) > 500
+  tokens = torch.tensor([ids[:256]])
+  with torch.no_grad():
+    expected = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)(tokens).logits
+    got = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                            dtype=torch.float32)(tokens).logits
+  np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-4, rtol=0)
+
+
+def test_q8_0_export_perplexity_within_one_percent_of_f32(exports, hf_dir, shakespeare_dir):
+  """Our reader on the q8_0 and f32 exports: perplexity on a play's opening within 1% (and not equal: the matrices
+  were quantized)."""
+  import jax
+  from llama_hk import checkpoints
+  from llama_hk.models import make_forward
+
+  def perplexity(path):
+    ckpt = checkpoints.load(path)
+    ids = np.array([ckpt.tokenizer.encode((shakespeare_dir / "othello.txt").read_text()[:2000])[:256]])
+    logits, _ = jax.jit(make_forward(ckpt.config).apply)(ckpt.params, ids)
+    logp = jax.nn.log_softmax(logits[0, :-1].astype(np.float64), axis=-1)
+    return float(np.exp(-np.mean(np.take_along_axis(np.asarray(logp), ids[0, 1:, None], axis=-1))))
+
+  f32, q8 = perplexity(exports["f32"][0]), perplexity(exports["q8_0"][0])
+  assert f32 != q8 and abs(q8 - f32) <= 0.01 * f32, (f32, q8)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gguf_type=q4_k"], "--gguf_type=q4_k: not written (one of f32, f16, bf16, q8_0)"),
+    (["--weights=int8"], "--weights=int8 is written as a llama_hk checkpoint only"),
+])
+def test_bad_export_flags_are_one_line_errors(hf_dir, tmp_path, flags, message):
+  output = tmp_path / "out.gguf"
+  result = subprocess.run([sys.executable, "bin/convert", f"--input={hf_dir}", f"--output={output}",
+                           "--output_format=gguf", *flags], cwd=harness.REPO, capture_output=True, text=True,
+                          timeout=120)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
+      result.stderr[-2000:]
+  assert not output.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_an_existing_file(hf_dir, tmp_path):
+  from llama_hk import checkpoints
+  from llama_hk.errors import UserError
+
+  output = tmp_path / "out.gguf"
+  output.write_text("keep me")
+  with pytest.raises(UserError, match="already exists"):
+    checkpoints.convert(hf_dir, output, "gguf")
+  assert output.read_text() == "keep me"
+
