@@ -59,24 +59,59 @@ def exports(hf_dir, tmp_path_factory) -> dict:
   return files
 
 
+def _read(path) -> tuple[dict, dict]:
+  """({metadata key: value}, {tensor name: (shape, type name, data)}) in the file's order, by llama.cpp's gguf-py."""
+  sys.path.insert(0, str(LLAMA_CPP / "gguf-py"))
+  try:
+    import gguf
+    reader = gguf.GGUFReader(path)
+  finally:
+    sys.path.remove(str(LLAMA_CPP / "gguf-py"))
+  metadata = {k: f.contents() for k, f in reader.fields.items()}
+  return metadata, {t.name: (t.shape.tolist(), t.tensor_type.name, np.array(t.data)) for t in reader.tensors}
+
+
 def test_export_equals_llama_cpp_converter(exports):
   """Every type's file is byte for byte the one llama.cpp's converter writes for the same model (metadata keys
   and values, tokenizer and its pre-tokenizer name, tensor order, types, Q/K rows, alignment); llama.cpp's
   gguf-py reader lists in ours what the converter writes."""
   for gguf_type, (ours, theirs) in exports.items():
     assert ours.read_bytes() == theirs.read_bytes(), gguf_type
-  sys.path.insert(0, str(LLAMA_CPP / "gguf-py"))
-  try:
-    import gguf
-    reader = gguf.GGUFReader(exports["q8_0"][0])
-  finally:
-    sys.path.remove(str(LLAMA_CPP / "gguf-py"))
-  fields = reader.fields
-  assert (fields["general.architecture"].contents(), fields["tokenizer.ggml.model"].contents(),
-          fields["tokenizer.ggml.pre"].contents(), fields["general.file_type"].contents()) == ("llama", "gpt2",
-                                                                                               "smollm", 7)
-  kinds = {t.name: t.tensor_type.name for t in reader.tensors}
-  assert kinds["blk.0.attn_q.weight"] == "Q8_0" and kinds["blk.0.attn_norm.weight"] == "F32" and len(kinds) == 21
+  metadata, tensors = _read(exports["q8_0"][0])
+  assert [metadata[k] for k in ("general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre",
+                                "general.file_type")] == ["llama", "gpt2", "smollm", 7]
+  assert tensors["blk.0.attn_q.weight"][1] == "Q8_0" and tensors["blk.0.attn_norm.weight"][1] == "F32"
+  assert len(tensors) == 21
+
+
+def test_sentencepiece_llama3_export_equals_llama_cpp_converter(tiny_hf_model, shakespeare_dir, tmp_path):
+  """A model with a sentencepiece tokenizer.model (trained here) and llama3 RoPE scaling: our q8_0 export holds
+  the converter's metadata (the `llama` vocabulary with its scores and unused padding pieces) and tensors, bit for
+  bit but for the RoPE factors (<= 1e-6 relative)."""
+  from llama_hk import checkpoints
+  from llama_hk.tokenizers import train_spm
+
+  lines = [line for line in (shakespeare_dir / "othello.txt").read_text().splitlines() if line.strip()]
+  train_spm.train_tokenizer(lines, tmp_path / "tokenizer", vocab_size=500)
+  hf_dir = tmp_path / "Tiny"
+  tiny_hf_model(seed=4, vocab_size=512, hidden_size=64, intermediate_size=128, pad_token_id=None,
+                rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}).save_pretrained(hf_dir)
+  for path in (tmp_path / "tokenizer").iterdir():
+    shutil.copy(path, hf_dir / path.name)
+  ours, theirs = tmp_path / "ours" / "Tiny.gguf", tmp_path / "Tiny.gguf"
+  checkpoints.convert(hf_dir, ours, "gguf", gguf_type="q8_0")
+  [reference] = harness.run_children([([sys.executable, LLAMA_CPP / "convert_hf_to_gguf.py", hf_dir, "--outfile",
+                                        theirs, "--outtype", "q8_0"],
+                                       {"PYTHONPATH": f"{LLAMA_CPP / 'gguf-py'}:{LLAMA_CPP}"})], timeout=300)
+  assert reference.returncode == 0, reference.stderr[-2000:]
+  (ours_metadata, ours_tensors), (metadata, tensors) = _read(ours), _read(theirs)
+  assert ours_metadata == metadata and metadata["tokenizer.ggml.model"] == "llama"
+  assert [(n, t[:2]) for n, t in ours_tensors.items()] == [(n, t[:2]) for n, t in tensors.items()]
+  assert [n for n in tensors if not np.array_equal(ours_tensors[n][2], tensors[n][2])] == ["rope_freqs.weight"]
+  # The factors from our float32 frequencies, against the converter's torch arithmetic: the last bit may differ.
+  np.testing.assert_allclose(ours_tensors["rope_freqs.weight"][2], tensors["rope_freqs.weight"][2], rtol=1e-6)
+  assert tensors["rope_freqs.weight"][2].max() == 8.0
 
 
 def test_transformers_loads_the_f32_export_as_the_original(exports, hf_dir, shakespeare_dir):

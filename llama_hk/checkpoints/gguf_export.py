@@ -140,19 +140,23 @@ def _write_model_metadata(writer, config: LlamaConfig, name: str, gguf_type: str
 
 
 def _write_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
-  if "tokenizer.json" in tokenizer.files:
-    _write_bpe(writer, tokenizer, vocab_size)
-  else:
+  """The vocabulary, then the special ids and flags as llama.cpp's converter writes them: the unknown token only
+  for a tokenizer.json vocabulary, add_eos_token when the tokenizer config says it or it is on."""
+  sentencepiece = "tokenizer.model" in tokenizer.files
+  if sentencepiece:
     _write_sentencepiece(writer, tokenizer, vocab_size)
+  else:
+    _write_bpe(writer, tokenizer, vocab_size)
   for add, value in ((writer.add_bos_token_id, tokenizer.bos_id), (writer.add_eos_token_id, tokenizer.eos_id),
-                     (writer.add_unk_token_id, tokenizer.unk_id), (writer.add_pad_token_id, tokenizer.pad_id)):
+                     (writer.add_unk_token_id, None if sentencepiece else tokenizer.unk_id),
+                     (writer.add_pad_token_id, tokenizer.pad_id)):
     if value is not None:
       add(value)
   if tokenizer.chat_template:
     writer.add_chat_template(tokenizer.chat_template)
   writer.add_add_bos_token(tokenizer.add_bos)
-  if tokenizer.add_eos:
-    writer.add_add_eos_token(True)
+  if tokenizer.add_eos or "add_eos_token" in tokenizer.config:
+    writer.add_add_eos_token(tokenizer.add_eos)
 
 
 def _write_bpe(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
@@ -199,7 +203,7 @@ def _write_sentencepiece(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
   types = [int(p.type) for p in proto.pieces]
   for i in range(len(tokens), vocab_size):
     tokens.append(f"[PAD{i}]")
-    scores.append(-1000.0)
+    scores.append(-10000.0)
     types.append(_UNUSED)
   writer.add_tokenizer_model("llama")
   writer.add_tokenizer_pre("default")
