@@ -1,6 +1,7 @@
-"""Reading and writing checkpoints: Hugging Face directories, GGUF files, llama_hk's own format and training
-model_dirs, each a `formats.Format` (hf.py, gguf.py, native.py) found by `formats.detect`; PEFT LoRA adapters
-(peft.py) applied to any of them; and GGUF files written for llama.cpp (gguf_export.py).
+"""Reading and writing checkpoints: Hugging Face directories, GGUF files, llama_hk's own format, training
+model_dirs and Meta's original release format, each a `formats.Format` (hf.py, gguf.py, native.py, meta.py) found
+by `formats.detect`; PEFT LoRA adapters (peft.py) applied to any of them; and GGUF files written for llama.cpp
+(gguf_export.py).
 
 Every reader assembles parameters tensor by tensor (leaves.py), on the host, the default device or straight into
 their shards over a mesh, so a load holds the parameters plus one tensor.
@@ -36,7 +37,7 @@ class Checkpoint(NamedTuple):
 
 
 def detect_kind(path: str | os.PathLike) -> str:
-  """"gguf", "hf", "llama_hk" or "model_dir"; UserError naming the path when it is none of them."""
+  """"gguf", "hf", "llama_hk", "model_dir" or "meta"; UserError naming the path when it is none of them."""
   return formats.detect(path).name
 
 

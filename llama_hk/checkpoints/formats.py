@@ -7,7 +7,7 @@ import os
 import pathlib
 from typing import Any, Iterator, Protocol
 
-from llama_hk.checkpoints import gguf, hf, native, peft
+from llama_hk.checkpoints import gguf, hf, meta, native, peft
 from llama_hk.checkpoints.leaves import Placement
 from llama_hk.config import LlamaConfig
 from llama_hk.errors import UserError
@@ -48,7 +48,8 @@ class LoraTrainingDir(native.TrainingDir):
     return detect(base).leaves(pathlib.Path(base), config, dtype, placement)
 
 
-FORMATS: tuple[Format, ...] = (gguf.GgufFile(), native.OwnDir(), LoraTrainingDir(), native.TrainingDir(), hf.HfDir())
+FORMATS: tuple[Format, ...] = (gguf.GgufFile(), native.OwnDir(), LoraTrainingDir(), native.TrainingDir(), hf.HfDir(),
+                               meta.MetaDir())
 
 
 def detect(path: str | os.PathLike) -> Format:
@@ -64,4 +65,4 @@ def detect(path: str | os.PathLike) -> Format:
   if (path / native.CONFIG_FILE).is_file():
     raise UserError(f"{path}: has {native.CONFIG_FILE} but neither {native.PARAMS_DIR}/ nor "
                     f"{native.TRAINING_CHECKPOINTS_DIR}/")
-  raise UserError(f"{path}: not a checkpoint (no config.json, {native.CONFIG_FILE} or GGUF file)")
+  raise UserError(f"{path}: not a checkpoint (no config.json, {native.CONFIG_FILE}, {meta.SHARDS} or GGUF file)")

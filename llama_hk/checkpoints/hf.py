@@ -68,7 +68,7 @@ class _SafetensorsLookup:
     return self.file.get(name)
 
 
-class _TorchLookup:
+class TorchLookup:
   """A pytorch_model*.bin state dict, unpickled safely (weights_only) and memory-mapped; bfloat16 viewed as
   ml_dtypes.bfloat16 (NumPy has none)."""
 
@@ -95,7 +95,7 @@ class _TorchLookup:
 def _open_weight_file(path: pathlib.Path):
   if not path.is_file():
     raise UserError(f"{path}: missing weight file")
-  return _SafetensorsLookup(path) if path.suffix == ".safetensors" else _TorchLookup(path)
+  return _SafetensorsLookup(path) if path.suffix == ".safetensors" else TorchLookup(path)
 
 
 def export(path: str | os.PathLike, config: LlamaConfig, tree, tokenizer: Tokenizer | None,
