@@ -181,8 +181,9 @@ def leaf_dtype(row: Param, config: LlamaConfig) -> np.dtype:
 def quantize(w, row: Param, lead: int = 0):
   """(q int8, scale float32) of the float weight `w` of `row` (NumPy or jax; `lead` leading layer axes): symmetric,
   per output channel. An all-zero channel gets scale 1."""
-  xp = np if isinstance(w, np.ndarray) else jnp
-  w = w.astype(np.float32)
+  host = isinstance(w, np.ndarray)
+  xp = np if host else jnp
+  w = w.astype(np.float32, copy=False) if host else w.astype(np.float32)
   n_in = row.n_in if row.layout == "linear" else 0
   if row.layout == "linear":
     axes = tuple(range(lead, lead + n_in))
@@ -190,7 +191,11 @@ def quantize(w, row: Param, lead: int = 0):
     axes = tuple(range(lead + 1, w.ndim))
   amax = xp.max(xp.abs(w), axis=axes, keepdims=True)
   scale = xp.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-  q = xp.clip(xp.round(w / scale), -127, 127).astype(np.int8)
+  if host:  # In place: one float32 temporary of the weight's size, not three (an 8B model's embedding is 2 GB).
+    scaled = np.divide(w, scale)
+    q = np.clip(np.round(scaled, out=scaled), -127, 127, out=scaled).astype(np.int8)
+  else:
+    q = xp.clip(xp.round(w / scale), -127, 127).astype(np.int8)
   return q, scale.reshape(w.shape[:lead] + tuple(n for k, n in enumerate(w.shape[lead:]) if lead + k not in axes))
 
 

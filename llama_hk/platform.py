@@ -5,12 +5,13 @@ attention implementations the backend lacks, so that the model, the ops and the 
 """
 
 import dataclasses
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 
-from llama_hk.config import LlamaConfig
+from llama_hk.config import LlamaConfig, num_params
 from llama_hk.errors import UserError
 from llama_hk.ops.dense import WeightLayout
 
@@ -35,14 +36,21 @@ def decode_plan(config: LlamaConfig, batch: int, mesh=None) -> DecodePlan:
   """The decode steps' plan for `batch` rows on this backend (`mesh`: a sharding mesh, or None).
 
   A batch of one on CPU without a mesh decodes from `CPU_MATVEC_LAYOUT` (a copy of the matrix weights, made with
-  `ops.dense.to_layout`; prefills and larger batches are faster in the stored layout). chunk_steps is 1 (every
+  `ops.dense.to_layout`; prefills and larger batches are faster in the stored layout), when the two copies take at
+  most half the host's memory (a 7-8B model's would not fit beside its own weights). chunk_steps is 1 (every
   token streams as soon as it exists) except for 16-bit parameters or compute on CPU: XLA:CPU computes in float32
   and casts every weight at the start of each call, which a call of one step would pay per token, so 32.
   """
   cpu = jax.default_backend() == "cpu"
   narrow = config.param_dtype != "float32" or config.compute_dtype != "float32"
-  layout = CPU_MATVEC_LAYOUT if cpu and batch == 1 and mesh is None else WeightLayout()
+  copy_fits = 2 * num_params(config) * jnp.dtype(config.param_dtype).itemsize <= host_memory_bytes() // 2
+  layout = CPU_MATVEC_LAYOUT if cpu and batch == 1 and mesh is None and copy_fits else WeightLayout()
   return DecodePlan(layout=layout, chunk_steps=32 if cpu and narrow else 1)
+
+
+def host_memory_bytes() -> int:
+  """The host's physical memory."""
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def check_attention_impl(impl: str) -> None:
