@@ -1,6 +1,8 @@
 """The model's one configuration: a frozen, hashable dataclass (usable as a jit static argument).
 
-Presets are gin files under `gin/models/`; `from_hf_config` reads a Hugging Face `config.json`.
+Presets are gin files under `gin/models/`; `from_hf_config` reads a Hugging Face `config.json`. A family (FAMILIES)
+is a LLaMA with a few settings of its own, not another model: Mistral's optional sliding window, Qwen2's q/k/v
+biases (parameter-table rows of their own, params.py).
 """
 
 import dataclasses
@@ -16,6 +18,9 @@ PARAM_DTYPES = DTYPES + ("int8",)
 REMAT_POLICIES = ("none", "full", "dots")
 # Attention without a KV cache (ops.attention.IMPLS); with a cache the model runs ops.attention's "cached" kernels.
 ATTENTION_IMPLS = ("split_causal", "reference", "jax", "cudnn")
+# Family -> its Hugging Face architecture; the family is also its HF model_type.
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+MISTRAL_SLIDING_WINDOW = 4096  # transformers' MistralConfig default, for a config.json without the key.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +47,8 @@ class LlamaConfig:
   compute_dtype: str = "float32"
   remat_policy: str = "none"  # Rematerialization in training: "none", "full" or "dots".
   attention_impl: str = "split_causal"  # One of ATTENTION_IMPLS.
+  family: str = "llama"  # One of FAMILIES.
+  sliding_window: int | None = None  # Mistral: a query sees this many most recent keys, itself included.
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -62,11 +69,22 @@ class LlamaConfig:
     for name, allowed in (("param_dtype", PARAM_DTYPES), ("compute_dtype", DTYPES)):
       if getattr(self, name) not in allowed:
         raise UserError(f"LlamaConfig.{name}={getattr(self, name)!r} is not one of {allowed}")
+    if self.family not in FAMILIES:
+      raise UserError(f"LlamaConfig.family={self.family!r} is not one of {tuple(FAMILIES)}")
+    if self.sliding_window is not None and self.family != "mistral":
+      raise UserError(f"LlamaConfig.sliding_window={self.sliding_window} needs family 'mistral', not {self.family!r}")
+    if self.sliding_window is not None and self.sliding_window <= 0:
+      raise UserError(f"LlamaConfig.sliding_window must be positive or None, got {self.sliding_window}")
 
   @property
   def float_param_dtype(self) -> str:
     """The dtype of the parameters that are not int8: param_dtype, or float32 under int8 weights."""
     return "float32" if self.param_dtype == "int8" else self.param_dtype
+
+  @property
+  def qkv_bias(self) -> bool:
+    """Whether the q, k and v projections add a bias (Qwen2)."""
+    return self.family == "qwen2"
 
   @property
   def heads_per_kv_head(self) -> int:
@@ -92,7 +110,8 @@ def num_params(config: LlamaConfig, with_lm_head: bool | None = None) -> int:
   d, k = config.d_model, config.head_dim
   attention = d * k * (2 * config.num_heads + 2 * config.num_kv_heads)
   mlp = 3 * d * config.d_ff
-  per_layer = attention + mlp + 2 * d
+  bias = k * (config.num_heads + 2 * config.num_kv_heads) if config.qkv_bias else 0
+  per_layer = attention + bias + mlp + 2 * d
   with_lm_head = (not config.tie_embeddings) if with_lm_head is None else with_lm_head
   head = config.vocab_size * d if with_lm_head else 0
   return config.vocab_size * d + config.num_layers * per_layer + d + head
@@ -119,15 +138,28 @@ def _rope_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
   return out
 
 
+def _family_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
+  """The family's own fields: Mistral's window as transformers reads it (key absent: 4096; null: none), Qwen2's
+  biases (implied by the family) without its sliding window."""
+  family = hf.get("model_type")
+  if family not in FAMILIES:
+    raise UserError(f"{source}: model_type is {family!r}, supported: {', '.join(FAMILIES)}")
+  if family == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
+    raise UserError(f"{source}: attention_bias/mlp_bias are not supported")
+  if family == "qwen2" and hf.get("use_sliding_window"):
+    raise UserError(f"{source}: use_sliding_window is true; Qwen2's sliding window is not supported")
+  window = hf.get("sliding_window", MISTRAL_SLIDING_WINDOW) if family == "mistral" else None
+  if window is not None and (not isinstance(window, int) or isinstance(window, bool)):
+    raise UserError(f"{source}: sliding_window is {window!r}, not an integer or null")
+  return {"family": family, "sliding_window": window}
+
+
 def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> LlamaConfig:
-  """LlamaConfig from a Hugging Face LLaMA `config.json` dict."""
-  if hf.get("model_type") != "llama":
-    raise UserError(f"{source}: model_type is {hf.get('model_type')!r}, only 'llama' is supported")
+  """LlamaConfig from a Hugging Face `config.json` dict of a LLaMA, Mistral or Qwen2 model."""
+  family = _family_from_hf(hf, source)
   try:
     num_heads = hf["num_attention_heads"]
     dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-      raise UserError(f"{source}: attention_bias/mlp_bias are not supported")
     if hf.get("hidden_act", "silu") != "silu":
       raise UserError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
     return LlamaConfig(
@@ -144,13 +176,24 @@ def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> LlamaConf
         param_dtype=dtype if dtype in DTYPES else "float32",
         compute_dtype="float32",
         **_rope_from_hf(hf, source),
+        **family,
     )
   except KeyError as e:
     raise UserError(f"{source}: missing field {e}") from None
 
 
+def _family_to_hf(config: LlamaConfig) -> dict[str, Any]:
+  """The family's own `config.json` fields, as transformers' config class of that model_type names them."""
+  if config.family == "mistral":
+    return {"sliding_window": config.sliding_window}
+  if config.family == "qwen2":
+    return {"use_sliding_window": False, "sliding_window": None}
+  return {"attention_bias": False, "mlp_bias": False}
+
+
 def to_hf_config(config: LlamaConfig, dtype: str | None = None) -> dict[str, Any]:
-  """A Hugging Face `config.json` dict (current `rope_parameters` layout) for `config`."""
+  """A Hugging Face `config.json` dict (current `rope_parameters` layout) for `config`, under its family's
+  model_type."""
   rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
   if config.rope_scaling != "none":
     rope.update(rope_type=config.rope_scaling, factor=config.rope_scaling_factor)
@@ -158,8 +201,8 @@ def to_hf_config(config: LlamaConfig, dtype: str | None = None) -> dict[str, Any
     rope.update(low_freq_factor=config.rope_low_freq_factor, high_freq_factor=config.rope_high_freq_factor,
                 original_max_position_embeddings=config.rope_original_max_len)
   return {
-      "architectures": ["LlamaForCausalLM"],
-      "model_type": "llama",
+      "architectures": [FAMILIES[config.family]],
+      "model_type": config.family,
       "vocab_size": config.vocab_size,
       "hidden_size": config.d_model,
       "num_hidden_layers": config.num_layers,
@@ -169,8 +212,7 @@ def to_hf_config(config: LlamaConfig, dtype: str | None = None) -> dict[str, Any
       "intermediate_size": config.d_ff,
       "rms_norm_eps": config.norm_eps,
       "hidden_act": "silu",
-      "attention_bias": False,
-      "mlp_bias": False,
+      **_family_to_hf(config),
       "tie_word_embeddings": config.tie_embeddings,
       "max_position_embeddings": config.max_seq_len,
       "rope_parameters": rope,

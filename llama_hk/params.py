@@ -6,6 +6,8 @@ says how its layout relates to Hugging Face's:
   "copy":   the same array (norm scales, the embedding table).
   "linear": a torch `nn.Linear` weight (out, in); ours is its transpose with the in and out axes unflattened,
             e.g. q_proj (D, N, K) <-> (N*K, D).
+  "flat":   a torch `nn.Linear` bias (out,); ours has the out axes unflattened, e.g. q_bias (N, K) <-> (N*K,).
+A row whose `when` names a config property (e.g. Qwen2's biases, "qkv_bias") is present only where it is true.
 GGUF stores tensors in Hugging Face's layout, except that llama.cpp permutes the rows of Q and K from the
 rotate-half RoPE layout to the adjacent-pair one; `gguf_heads` names the head count that permutation used.
 
@@ -40,11 +42,12 @@ class Param:
   hf: str  # Hugging Face name; "{i}" stands for the layer.
   gguf: str  # GGUF name; "{i}" stands for the layer.
   shape: str  # Our per-layer shape in glossary letters.
-  layout: str = "copy"  # "copy" or "linear".
+  layout: str = "copy"  # "copy", "linear" or "flat".
   n_in: int = 1  # For "linear": how many leading axes of our shape are the input.
   gguf_heads: str | None = None  # For Q and K: the config field llama.cpp's permutation used.
   axes: tuple[str, ...] | None = None  # Logical axes of the per-layer shape; None: from the shape letters.
   decay: bool = True  # Whether AdamW's weight decay applies.
+  when: str | None = None  # A LlamaConfig property: the row is present only where it is true; None: always.
 
   @property
   def stacked(self) -> bool:
@@ -82,6 +85,8 @@ class Param:
     shape = self.our_shape(config, rank)
     if self.layout == "linear":
       return (math.prod(shape[self.n_in:]), math.prod(shape[:self.n_in]))
+    if self.layout == "flat":
+      return (math.prod(shape),)
     return shape
 
   def to_ours(self, hf_array: np.ndarray, config: LlamaConfig, rank: int | None = None) -> np.ndarray:
@@ -93,7 +98,7 @@ class Param:
     if self.layout == "linear":
       rows, cols = self.hf_shape(config, rank)
       return np.ascontiguousarray(array.reshape(cols, rows).T)
-    return np.asarray(array)
+    return np.asarray(array).reshape(self.hf_shape(config, rank))
 
 
 TABLE = (
@@ -106,6 +111,12 @@ TABLE = (
           "DGK", "linear", 1, gguf_heads="num_kv_heads"),
     Param("decoder/attention", "v_proj", "model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight",
           "DGK", "linear", 1),
+    Param("decoder/attention", "q_bias", "model.layers.{i}.self_attn.q_proj.bias", "blk.{i}.attn_q.bias", "NK",
+          "flat", decay=False, when="qkv_bias"),
+    Param("decoder/attention", "k_bias", "model.layers.{i}.self_attn.k_proj.bias", "blk.{i}.attn_k.bias", "GK",
+          "flat", decay=False, when="qkv_bias"),
+    Param("decoder/attention", "v_bias", "model.layers.{i}.self_attn.v_proj.bias", "blk.{i}.attn_v.bias", "GK",
+          "flat", decay=False, when="qkv_bias"),
     Param("decoder/attention", "out_proj", "model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight",
           "NKD", "linear", 2),
     Param("decoder/post_attn_norm", "scale", "model.layers.{i}.post_attention_layernorm.weight",
@@ -154,11 +165,11 @@ BY_NAME = {(p.module, p.name): p for p in TABLE + tuple(SCALES.values())
 
 
 def table(config: LlamaConfig) -> tuple[Param, ...]:
-  """The rows present in this config's model (no lm_head with tied embeddings; with int8 weights, each quantized
-  row followed by its scale row)."""
+  """The rows present in this config's model (no lm_head with tied embeddings, a `when` row only where its property
+  holds; with int8 weights, each quantized row followed by its scale row)."""
   rows = []
   for p in TABLE:
-    if not (p.module == "lm_head" and config.tie_embeddings):
+    if not (p.module == "lm_head" and config.tie_embeddings) and (p.when is None or getattr(config, p.when)):
       rows += [p, SCALES[(p.module, p.name)]] if is_int8(config) and p.quantizable else [p]
   return tuple(rows)
 

@@ -95,11 +95,17 @@ def shakespeare_tokenizer_dir(shakespeare_data_dir, shakespeare_dir, tmp_path_fa
 
 # Tiny random LLaMA checkpoints (model parity, conversion and CLI tests).
 
-def make_tiny_hf_model(seed: int = 0, *, weight_std: float = 0.15, random_norms: bool = False, **overrides):
-  """A random transformers LlamaForCausalLM (eager attention, float32) with weights drawn under a fixed torch seed.
+_FAMILY_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+                   "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+
+
+def make_tiny_hf_model(seed: int = 0, *, weight_std: float = 0.15, random_norms: bool = False,
+                       family: str = "llama", **overrides):
+  """A random transformers LlamaForCausalLM (or the `family`'s: MistralForCausalLM, Qwen2ForCausalLM; eager
+  attention, float32) with weights drawn under a fixed torch seed.
 
   Weights use `weight_std` (not HF's 0.02) so that attention is far from uniform and RoPE, masking and head
-  grouping change the logits visibly; `random_norms` draws every RMSNorm weight from U(0.5, 1.5).
+  grouping change the logits visibly (Qwen2's biases too); `random_norms` draws every RMSNorm weight from U(0.5, 1.5).
   """
   import torch
   import transformers
@@ -108,10 +114,11 @@ def make_tiny_hf_model(seed: int = 0, *, weight_std: float = 0.15, random_norms:
                 num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
   fields.update(overrides)
-  config = transformers.LlamaConfig(**fields)
+  config_class, model_class = (getattr(transformers, name) for name in _FAMILY_CLASSES[family])
+  config = config_class(**fields)
   config._attn_implementation = "eager"
   torch.manual_seed(seed)
-  model = transformers.LlamaForCausalLM(config).eval()
+  model = model_class(config).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
       if name.endswith("norm.weight"):
@@ -124,7 +131,8 @@ def make_tiny_hf_model(seed: int = 0, *, weight_std: float = 0.15, random_norms:
 
 @pytest.fixture(scope="session")
 def tiny_hf_model():
-  """Factory: `tiny_hf_model(seed=0, **LlamaConfig fields)` -> a random transformers LlamaForCausalLM."""
+  """Factory: `tiny_hf_model(seed=0, family="llama", **config fields)` -> a random transformers model of the family
+  (LlamaForCausalLM by default)."""
   return make_tiny_hf_model
 
 

@@ -160,7 +160,7 @@ def _module_params(hf_module: torch.nn.Module, config, prefix: str, scope: dict[
   """
   params = {}
   state = {name: _np(t) for name, t in hf_module.state_dict().items()}
-  for p in param_table.TABLE:
+  for p in param_table.table(config):
     if p.module not in scope:
       continue
     hf_name = p.hf.format(i=0)

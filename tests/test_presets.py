@@ -17,6 +17,9 @@ KNOWN = {  # Published parameter counts.
     "llama2_13b": 13_015_864_320,
     "llama2_70b": 68_976_648_192,
     "llama3_8b": 8_030_261_248,
+    "llama3_1_8b": 8_030_261_248,
+    "mistral_7b": 7_241_732_096,
+    "qwen2_5_0_5b": 494_032_768,
     "smollm2_135m": 134_515_008,
 }
 
@@ -49,6 +52,15 @@ def test_readme_parameter_table_is_generated_from_the_presets():
 @pytest.mark.parametrize("name, base", [("llama2_7b", "7b"), ("llama2_13b", "13b")])
 def test_llama2_presets_are_their_llama1_base_with_a_longer_context(name, base):
   assert preset(name) == preset(base).replace(norm_eps=1e-5, max_seq_len=4096)
+
+
+def test_family_presets_carry_their_family_settings():
+  assert preset("llama3_1_8b") == preset("llama3_8b").replace(
+      max_seq_len=131072, rope_scaling="llama3", rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
+      rope_high_freq_factor=4.0, rope_original_max_len=8192)
+  mistral, qwen2 = preset("mistral_7b"), preset("qwen2_5_0_5b")
+  assert (mistral.family, mistral.sliding_window, mistral.qkv_bias) == ("mistral", 4096, False)
+  assert (qwen2.family, qwen2.sliding_window, qwen2.qkv_bias, qwen2.tie_embeddings) == ("qwen2", None, True, True)
 
 
 def test_the_tiny_preset_is_the_model_the_quickstart_trains():

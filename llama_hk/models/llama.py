@@ -10,6 +10,7 @@ does not grow with depth):
   embedding/embeddings                                    (V, D)
   decoder/input_norm/scale                                (L, D)
   decoder/attention/{q_proj, k_proj, v_proj, out_proj}    (L, D, N, K), (L, D, G, K), (L, D, G, K), (L, N, K, D)
+  decoder/attention/{q_bias, k_bias, v_bias}              (L, N, K), (L, G, K), (L, G, K), only with qkv_bias
   decoder/post_attn_norm/scale                            (L, D)
   decoder/mlp/{gate_proj, up_proj, down_proj}             (L, D, F), (L, D, F), (L, F, D)
   norm/scale                                              (D,)
@@ -81,9 +82,9 @@ class Attention(_Module):
     Returns (B, T, D) and the cache for the next layer (or None).
     """
     c = self.config
-    q = self.dense(x, "BTD,DNK->BTNK", "q_proj")  # (B, T, N, K)
-    key = self.dense(x, "BTD,DGK->BTGK", "k_proj")  # (B, T, G, K)
-    value = self.dense(x, "BTD,DGK->BTGK", "v_proj")  # (B, T, G, K)
+    q = self._project(x, "BTD,DNK->BTNK", "q")  # (B, T, N, K)
+    key = self._project(x, "BTD,DGK->BTGK", "k")  # (B, T, G, K)
+    value = self._project(x, "BTD,DGK->BTGK", "v")  # (B, T, G, K)
     inv_freq = rope.rope_frequencies(c)
     q = rope.apply_rope(q, positions, inv_freq)  # (B, T, N, K)
     key = rope.apply_rope(key, positions, inv_freq)  # (B, T, G, K)
@@ -96,6 +97,14 @@ class Attention(_Module):
       out = attention.attend(q, key, value, mask, "cached")  # (B, T, G, H, K)
     out = out.reshape(b, t, c.num_heads, c.head_dim)  # (B, T, N, K)
     return self.dense(out, "BTNK,NKD->BTD", "out_proj"), cache
+
+  def _project(self, x: jax.Array, spec: str, name: str) -> jax.Array:
+    """The projection `{name}_proj` of x (B, T, D), plus the bias `{name}_bias` under qkv_bias (Qwen2)."""
+    out = self.dense(x, spec, f"{name}_proj")  # (B, T, heads, K)
+    if not self.config.qkv_bias:
+      return out
+    bias = hk.get_parameter(f"{name}_bias", out.shape[2:], self.config.float_param_dtype, init=jnp.zeros)  # (heads, K)
+    return out + bias.astype(out.dtype)
 
 
 class MLP(_Module):
@@ -151,7 +160,8 @@ class Llama(_Module):
     if scale is not None:
       x = x * jnp.take(scale, tokens, axis=0)[..., None].astype(c.compute_dtype)  # (B, T, D)
     x = sharding.constrain(x, ("act_batch", "act_length", "act_embed"))
-    mask = attention.attention_mask(segment_ids, cache_end, None if cache is None else cache.k.shape[3])
+    mask = attention.attention_mask(segment_ids, cache_end, None if cache is None else cache.k.shape[3],
+                                    c.sliding_window)  # (B, T, S)
 
     def block(x, layer_cache):
       return DecoderBlock(c, self.layout, self.lora)(x, positions, mask, layer_cache, cache_end)

@@ -24,21 +24,30 @@ import jax.numpy as jnp
 SPLIT_MIN_LENGTH = 128
 
 
-def attention_mask(segment_ids: jax.Array, cache_end: jax.Array | None = None,
-                   cache_len: int | None = None) -> jax.Array:
+def attention_mask(segment_ids: jax.Array, cache_end: jax.Array | None = None, cache_len: int | None = None,
+                   window: int | None = None) -> jax.Array:
   """Which keys each query sees: (B, T, S) booleans, from segment_ids (B, T).
 
   Without a cache: causal within a segment (packed documents and padding, segment 0, never mix).
   With a cache (cache_end (B,), cache_len S): slots up to the query's own slot, since a cached row is one
   contiguous sequence.
+  A sliding `window` (Mistral's, as transformers means it) keeps only the `window` most recent of those keys, the
+  query's own included; None adds nothing to the mask.
   """
   t = segment_ids.shape[1]
   if cache_end is None:
-    causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # (T, S)
+    queries, keys = jnp.arange(t)[:, None], jnp.arange(t)[None, :]  # (T, 1), (1, S)
+    causal = queries >= keys  # (T, S)
+    if window is not None:
+      causal &= keys > queries - window  # (T, S)
     same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, S)
     return causal[None] & same_segment
   query_slots = cache_end[:, None] + jnp.arange(t)[None, :]  # (B, T)
-  return jnp.arange(cache_len)[None, None, :] <= query_slots[:, :, None]  # (B, T, S)
+  slots = jnp.arange(cache_len)[None, None, :]  # (1, 1, S)
+  mask = slots <= query_slots[:, :, None]  # (B, T, S)
+  if window is not None:
+    mask &= slots > query_slots[:, :, None] - window  # (B, T, S)
+  return mask
 
 
 def _reference(q, key, value, mask):
