@@ -84,21 +84,53 @@ def test_export_equals_llama_cpp_converter(exports):
   assert len(tensors) == 21
 
 
-def test_sentencepiece_llama3_export_equals_llama_cpp_converter(tiny_hf_model, shakespeare_dir, tmp_path):
+@pytest.fixture(scope="module")
+def sentencepiece_dir(shakespeare_dir, tmp_path_factory):
+  """A 500-piece sentencepiece tokenizer (tokenizer.model, tokenizer_config.json) trained on Othello."""
+  from llama_hk.tokenizers import train_spm
+
+  lines = [line for line in (shakespeare_dir / "othello.txt").read_text().splitlines() if line.strip()]
+  return train_spm.train_tokenizer(lines, tmp_path_factory.mktemp("spm") / "tokenizer", vocab_size=500)
+
+
+def _with_tokenizer(model, tokenizer_dir, directory):
+  model.save_pretrained(directory)
+  for path in tokenizer_dir.iterdir():
+    shutil.copy(path, directory / path.name)
+  return directory
+
+
+def test_qwen2_exports_as_qwen2_and_loads_in_transformers(tiny_hf_model, sentencepiece_dir, tmp_path):
+  """A Qwen2 model (q/k/v biases, HF's Q/K rows) exports as architecture qwen2; transformers' GGUF loader builds a
+  Qwen2ForCausalLM from it with the original's logits <= 1e-4."""
+  import torch
+  import transformers
+  from llama_hk import checkpoints
+
+  model = tiny_hf_model(seed=3, family="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,
+                        pad_token_id=None)
+  hf_dir = _with_tokenizer(model, sentencepiece_dir, tmp_path / "Tiny")
+  checkpoints.convert(hf_dir, tmp_path / "out" / "Tiny.gguf", "gguf")
+  assert _read(tmp_path / "out" / "Tiny.gguf")[0]["general.architecture"] == "qwen2"
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="Tiny.gguf",
+                                                             dtype=torch.float32)
+  tokens = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
+  with torch.no_grad():
+    np.testing.assert_allclose(loaded(tokens).logits.numpy(), model(tokens).logits.numpy(), atol=1e-4, rtol=0)
+  assert type(loaded).__name__ == "Qwen2ForCausalLM"
+
+
+def test_sentencepiece_llama3_export_equals_llama_cpp_converter(tiny_hf_model, sentencepiece_dir, tmp_path):
   """A model with a sentencepiece tokenizer.model (trained here) and llama3 RoPE scaling: our q8_0 export holds
   the converter's metadata (the `llama` vocabulary with its scores and unused padding pieces) and tensors, bit for
   bit but for the RoPE factors (<= 1e-6 relative)."""
   from llama_hk import checkpoints
-  from llama_hk.tokenizers import train_spm
 
-  lines = [line for line in (shakespeare_dir / "othello.txt").read_text().splitlines() if line.strip()]
-  train_spm.train_tokenizer(lines, tmp_path / "tokenizer", vocab_size=500)
-  hf_dir = tmp_path / "Tiny"
-  tiny_hf_model(seed=4, vocab_size=512, hidden_size=64, intermediate_size=128, pad_token_id=None,
-                rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}).save_pretrained(hf_dir)
-  for path in (tmp_path / "tokenizer").iterdir():
-    shutil.copy(path, hf_dir / path.name)
+  model = tiny_hf_model(seed=4, vocab_size=512, hidden_size=64, intermediate_size=128, pad_token_id=None,
+                        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 64})
+  hf_dir = _with_tokenizer(model, sentencepiece_dir, tmp_path / "Tiny")
   ours, theirs = tmp_path / "ours" / "Tiny.gguf", tmp_path / "Tiny.gguf"
   checkpoints.convert(hf_dir, ours, "gguf", gguf_type="q8_0")
   [reference] = harness.run_children([([sys.executable, LLAMA_CPP / "convert_hf_to_gguf.py", hf_dir, "--outfile",

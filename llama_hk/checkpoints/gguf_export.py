@@ -41,6 +41,12 @@ _PRE_TOKENIZERS = {
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED = 1, 2, 3, 4, 5  # llama.cpp's token types.
 
 
+def architecture(config: LlamaConfig) -> str:
+  """The GGUF architecture llama.cpp's converter writes: `qwen2` for Qwen2, else `llama` (Mistral too, its window
+  dropped, as llama.cpp writes it)."""
+  return "qwen2" if config.family == "qwen2" else "llama"
+
+
 def check_type(gguf_type: str) -> None:
   if gguf_type not in GGUF_TYPES:
     raise UserError(f"--gguf_type={gguf_type}: not written (one of {', '.join(GGUF_TYPES)})")
@@ -59,7 +65,7 @@ def export(path: str | os.PathLike, config: LlamaConfig, tree, tokenizer: Tokeni
   path = pathlib.Path(path)
   tensors = _tensors(tree, config)
   with io_utils.atomic_file(path) as tmp:
-    writer = gguf.GGUFWriter(str(tmp), "llama")
+    writer = gguf.GGUFWriter(str(tmp), architecture(config))
     _write_model_metadata(writer, config, path.stem, gguf_type, sum(int(np.prod(s)) for _, s, _ in tensors))
     _write_tokenizer(writer, tokenizer, config.vocab_size)
     encoded = []
@@ -89,7 +95,7 @@ def _tensors(tree, config: LlamaConfig) -> list[tuple[str, tuple[int, ...], obje
     out.append(("rope_freqs.weight", factors.shape, lambda: factors.astype(np.float32)))
   for hf_name, shape, make in sorted(params.hf_tensors(tree, config), key=lambda t: t[0]):
     row, layer = _row_of(hf_name, gguf_names)
-    if row.gguf_heads:
+    if row.gguf_heads and architecture(config) == "llama":  # llama.cpp's qwen2 keeps HF's Q/K rows.
       make = (lambda make=make, heads=getattr(config, row.gguf_heads): params.permute_gguf_rows(make(), heads))
     out.append((row.gguf.format(i=layer), tuple(shape), make))
   return out
