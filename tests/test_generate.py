@@ -29,6 +29,7 @@ from llama_hk.models import make_forward
 from llama_hk.ops.dense import to_layout
 from llama_hk.params import params_from_hf
 from llama_hk.tokenizers.tokenizer import Tokenizer
+from harness import assert_one_line_error
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VOCAB = 288  # Room for the GGUF test tokenizer.
@@ -418,7 +419,5 @@ def test_binary(tiny_gguf, tiny_chat_dir, tmp_path):
       "blank_line": f"{blank}:2: empty prompt", "no_prompt": "give either --prompt",
   }
   for name, message in expected.items():
-    run = runs[name]
-    lines = run.stderr.strip().splitlines()
-    assert run.returncode == 1 and len(lines) == 1 and message in lines[0], (name, run.stderr)
-    assert run.stdout == ""
+    assert_one_line_error(runs[name], message)
+    assert runs[name].stdout == ""

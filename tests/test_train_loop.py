@@ -22,8 +22,8 @@ from llama_hk.errors import UserError
 from llama_hk.train import loop
 from llama_hk.train import metrics as metrics_lib
 from llama_hk.train import state as state_lib
-from harness import (EIGHT_DEVICES, devices, kill_after_checkpoint, metrics, run_group, run_train, train_command,
-                     train_losses)
+from harness import (EIGHT_DEVICES, assert_one_line_error, devices, kill_after_checkpoint, metrics, run_group,
+                     run_train, train_command, train_losses)
 
 SMALL_MODEL = {"config.LlamaConfig.d_model": 32, "config.LlamaConfig.num_layers": 2,
                "config.LlamaConfig.num_heads": 4, "config.LlamaConfig.num_kv_heads": 2,
@@ -37,13 +37,6 @@ def data_args(shakespeare_data_dir, shakespeare_tokenizer_dir, shakespeare_dir) 
               "SHAKESPEARE_SOURCE_DIR": repr(str(shakespeare_dir)), "SEQ_LEN": 32, "BATCH_SIZE": 4,
               "WARMUP_STEPS": 1, "LOG_EVERY": 1, "EVAL_EVERY": 1000, "EVAL_MAX_BATCHES": 2, **SMALL_MODEL}
   return ["--gin_file=gin/tiny.gin"] + [f"--gin.{key}={value}" for key, value in bindings.items()]
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-  assert result.returncode == 1, result.stderr[-2000:]
-  lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-  assert len(lines) == 1 and all(f in lines[0] for f in fragments), result.stderr[-2000:]
-  assert "Traceback" not in result.stderr
 
 
 TINY = config_lib.LlamaConfig(vocab_size=64, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=32,
