@@ -150,6 +150,27 @@ def test_batched_equals_unbatched(tiny):
     assert row.ids == alone.ids == row_grouped.ids
 
 
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # Recorded once per XLA compilation.
+
+
+def test_each_bucket_compiles_once(tiny):
+  """A second call in the same buckets (other prompt ids and lengths, seed, max_new_tokens) compiles nothing; a
+  call in a new batch bucket compiles (the control)."""
+  config, params = tiny
+  generator = inference.Generator(config, params, chunk_steps=4)
+  generator.generate([[5, 6, 7]], max_new_tokens=9, seed=1)  # Batch 1, prompt bucket 16, cache 16.
+  compiles = []
+  listener = lambda event, duration, **kwargs: compiles.append(event) if event == COMPILE_EVENT else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    [again], _ = generator.generate([[9, 10, 11, 12, 13]], max_new_tokens=11, seed=2)
+    assert compiles == [] and len(again.ids) == 11
+    generator.generate([[5], [6, 7]], max_new_tokens=9)  # Batch bucket 2.
+    assert compiles
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
 @pytest.mark.slow
 def test_top_k_1_is_greedy_and_seeds_reproduce(tiny):
   config, params = tiny
