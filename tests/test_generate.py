@@ -422,6 +422,7 @@ def test_binary(tiny_gguf, tiny_chat_dir, tmp_path):
   result = json.loads(out_json.read_text())
   [row] = result["results"]
   assert row["prompt"] == "the hen" and len(row["ids"]) == 12 and good.stdout == row["completion"] + "\n"
+  assert row["finish_reason"] == "length"
   assert result["stats"]["generated_tokens"] == 12 and result["stats"]["prompt_tokens"] > 0
   assert "time to first token" in good.stderr and "tokens/s" in good.stderr
   assert any((tmp_path / "jax_cache").iterdir())  # The persistent compilation cache was written.
@@ -442,3 +443,30 @@ def test_binary(tiny_gguf, tiny_chat_dir, tmp_path):
   for name, message in expected.items():
     assert_one_line_error(runs[name], message)
     assert runs[name].stdout == ""
+
+
+@pytest.mark.slow
+def test_binary_chat_stop_and_weights(tiny_chat_dir, tmp_path):
+  """--chat wraps the prompt in the chat template, --weights=int8 decodes the int8 model, --stop ends the completion
+  before its stop string with finish_reason "stop": the JSON row is the library's run of the same, and each flag
+  changes what the library would give without it."""
+  model = checkpoints.load(tiny_chat_dir, dtype="int8")
+  tokenizer = model.tokenizer
+  generator = inference.Generator(model.config, model.params, tokenizer)
+  chat_ids = inference.prompt_ids(tokenizer, "e", chat=True)
+  [free], _ = generator.generate([chat_ids], max_new_tokens=36)
+  stop = re.findall(r"<extra_\d+>", free.text)[-1]  # An added token's text, whole.
+  [expected], _ = generator.generate([chat_ids], max_new_tokens=36, stop_strings=[stop])
+  assert free.finish_reason == "length" and expected.finish_reason == "stop" and stop not in expected.text
+  [plain], _ = generator.generate([inference.prompt_ids(tokenizer, "e")], max_new_tokens=36)
+  float32 = checkpoints.load(tiny_chat_dir)
+  [unquantized], _ = inference.Generator(float32.config, float32.params, tokenizer).generate([chat_ids], 36)
+  assert plain.ids[:len(expected.ids)] != expected.ids and unquantized.ids[:len(expected.ids)] != expected.ids
+
+  out_json = tmp_path / "out.json"
+  run = _run([f"--checkpoint={tiny_chat_dir}", "--chat", "--prompt=e", "--weights=int8", f"--stop={stop}",
+              "--max_new_tokens=36", f"--output_json={out_json}"])
+  assert run.returncode == 0, run.stderr[-2000:]
+  [row] = json.loads(out_json.read_text())["results"]
+  assert row == {"prompt": "e", "completion": expected.text, "ids": expected.ids, "finish_reason": "stop"}
+  assert run.stdout == expected.text + "\n"
