@@ -136,7 +136,7 @@ def test_z_loss_value_and_gradient_equal_pytorch(tiny_hf_model):
                                             reduction="none")  # (B, T)
     z_loss = (torch.logsumexp(logits, -1) ** 2 * mask).sum() / mask.sum()
     ((nll * mask).sum() / mask.sum() + z_weight * z_loss).backward()
-    return float(torch.sqrt(sum((p.grad ** 2).sum() for p in hf.parameters()))), float(z_loss)
+    return float(torch.sqrt(sum((p.grad ** 2).sum() for p in hf.parameters()))), float(z_loss.detach())
 
   (grad_norm, z_loss), (unweighted_norm, _) = torch_grad_norm(weight), torch_grad_norm(0.0)
   np.testing.assert_allclose(float(metrics["z_loss"]), z_loss, rtol=1e-5)
