@@ -83,6 +83,18 @@ def sharded_logit_diffs(checkpoint, meshes: dict, batch: int = 8) -> dict:
   return run_on_meshes("sharded_logits.py", checkpoint, meshes, batch)
 
 
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str, outputs: Sequence = ()) -> None:
+  """A bad-input run: exit 1, stderr exactly one `error: ` line holding every fragment, no traceback anywhere, and
+  none of the `outputs` paths (nor a temporary sibling of one) written."""
+  assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+  assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and result.stderr.endswith("\n"), \
+      result.stderr[-2000:]
+  assert all(f in result.stderr for f in fragments), (fragments, result.stderr)
+  assert "Traceback" not in result.stdout + result.stderr, result.stdout[-2000:]
+  for path in map(pathlib.Path, outputs):
+    assert not path.exists() and not list(path.parent.glob(f".{path.name}*")), path
+
+
 def train_command(model_dir, args, **bindings) -> list[str]:
   """bin/train on `model_dir` with flags `args` and gin macro `bindings` (the session's compilation cache)."""
   return ([sys.executable, "bin/train", f"--model_dir={model_dir}"] + list(args)

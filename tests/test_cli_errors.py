@@ -16,6 +16,7 @@ import pytest
 from llama_hk import checkpoints
 from llama_hk import eval as evaluation
 from llama_hk.errors import UserError
+from harness import assert_one_line_error
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VOCAB = 288  # Room for the GGUF test tokenizer.
@@ -83,14 +84,11 @@ def _run(binary: str, *args: str) -> subprocess.CompletedProcess:
                         timeout=300)
 
 
-def _check_error(proc: subprocess.CompletedProcess, names: pathlib.Path, fault: str) -> None:
-  assert proc.returncode == 1, (proc.returncode, proc.stderr)
-  lines = proc.stderr.splitlines()
-  assert len(lines) == 1, proc.stderr
-  assert lines[0].startswith("error: "), lines[0]
-  assert str(names) in lines[0], lines[0]
-  assert re.search(fault, lines[0]), lines[0]
-  assert "Traceback" not in proc.stdout + proc.stderr
+def _check_error(proc: subprocess.CompletedProcess, names: pathlib.Path, fault: str, outputs: pathlib.Path) -> None:
+  assert_one_line_error(proc, str(names))
+  assert re.search(fault, proc.stderr), proc.stderr
+  assert list(outputs.iterdir()) == []  # No output (directory or --output_json), no temporary sibling.
+  assert proc.stdout == ""
 
 
 @pytest.fixture(scope="module")
@@ -152,9 +150,7 @@ def test_evaluate_text_rejects_bad_text_or_tokenizer(case, names, fault, inputs)
 def test_binary_rejects_bad_checkpoint(binary, case, inputs, runs):
   key, names, fault = CHECKPOINT_FAULTS[case]
   proc, outputs = runs[binary, case]
-  _check_error(proc, inputs[names], fault)
-  assert list(outputs.iterdir()) == []  # No output (directory or --output_json), no temporary sibling.
-  assert proc.stdout == ""
+  _check_error(proc, inputs[names], fault, outputs)
 
 
 @pytest.mark.slow
@@ -165,9 +161,7 @@ def test_binary_rejects_bad_checkpoint(binary, case, inputs, runs):
 ])
 def test_eval_rejects_bad_text_or_tokenizer(case, names, fault, inputs, runs):
   proc, outputs = runs["eval", case]
-  _check_error(proc, inputs["missing"] / "play.txt" if names is None else inputs[names], fault)
-  assert list(outputs.iterdir()) == []
-  assert proc.stdout == ""
+  _check_error(proc, inputs["missing"] / "play.txt" if names is None else inputs[names], fault, outputs)
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ from llama_hk.models import make_forward
 from llama_hk.ops.dense import to_layout
 from llama_hk.params import params_from_hf
 from llama_hk.tokenizers.tokenizer import Tokenizer
+from harness import assert_one_line_error
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VOCAB = 288  # Room for the GGUF test tokenizer.
@@ -147,6 +148,27 @@ def test_batched_equals_unbatched(tiny):
   for prompt, row, row_grouped in zip(prompts, batched, grouped):
     [alone], _ = inference.Generator(config, params).generate([prompt], max_new_tokens=24)
     assert row.ids == alone.ids == row_grouped.ids
+
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # Recorded once per XLA compilation.
+
+
+def test_each_bucket_compiles_once(tiny):
+  """A second call in the same buckets (other prompt ids and lengths, seed, max_new_tokens) compiles nothing; a
+  call in a new batch bucket compiles (the control)."""
+  config, params = tiny
+  generator = inference.Generator(config, params, chunk_steps=4)
+  generator.generate([[5, 6, 7]], max_new_tokens=9, seed=1)  # Batch 1, prompt bucket 16, cache 16.
+  compiles = []
+  listener = lambda event, duration, **kwargs: compiles.append(event) if event == COMPILE_EVENT else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    [again], _ = generator.generate([[9, 10, 11, 12, 13]], max_new_tokens=11, seed=2)
+    assert compiles == [] and len(again.ids) == 11
+    generator.generate([[5], [6, 7]], max_new_tokens=9)  # Batch bucket 2.
+    assert compiles
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 @pytest.mark.slow
@@ -400,6 +422,7 @@ def test_binary(tiny_gguf, tiny_chat_dir, tmp_path):
   result = json.loads(out_json.read_text())
   [row] = result["results"]
   assert row["prompt"] == "the hen" and len(row["ids"]) == 12 and good.stdout == row["completion"] + "\n"
+  assert row["finish_reason"] == "length"
   assert result["stats"]["generated_tokens"] == 12 and result["stats"]["prompt_tokens"] > 0
   assert "time to first token" in good.stderr and "tokens/s" in good.stderr
   assert any((tmp_path / "jax_cache").iterdir())  # The persistent compilation cache was written.
@@ -418,7 +441,32 @@ def test_binary(tiny_gguf, tiny_chat_dir, tmp_path):
       "blank_line": f"{blank}:2: empty prompt", "no_prompt": "give either --prompt",
   }
   for name, message in expected.items():
-    run = runs[name]
-    lines = run.stderr.strip().splitlines()
-    assert run.returncode == 1 and len(lines) == 1 and message in lines[0], (name, run.stderr)
-    assert run.stdout == ""
+    assert_one_line_error(runs[name], message)
+    assert runs[name].stdout == ""
+
+
+@pytest.mark.slow
+def test_binary_chat_stop_and_weights(tiny_chat_dir, tmp_path):
+  """--chat wraps the prompt in the chat template, --weights=int8 decodes the int8 model, --stop ends the completion
+  before its stop string with finish_reason "stop": the JSON row is the library's run of the same, and each flag
+  changes what the library would give without it."""
+  model = checkpoints.load(tiny_chat_dir, dtype="int8")
+  tokenizer = model.tokenizer
+  generator = inference.Generator(model.config, model.params, tokenizer)
+  chat_ids = inference.prompt_ids(tokenizer, "e", chat=True)
+  [free], _ = generator.generate([chat_ids], max_new_tokens=36)
+  stop = re.findall(r"<extra_\d+>", free.text)[-1]  # An added token's text, whole.
+  [expected], _ = generator.generate([chat_ids], max_new_tokens=36, stop_strings=[stop])
+  assert free.finish_reason == "length" and expected.finish_reason == "stop" and stop not in expected.text
+  [plain], _ = generator.generate([inference.prompt_ids(tokenizer, "e")], max_new_tokens=36)
+  float32 = checkpoints.load(tiny_chat_dir)
+  [unquantized], _ = inference.Generator(float32.config, float32.params, tokenizer).generate([chat_ids], 36)
+  assert plain.ids[:len(expected.ids)] != expected.ids and unquantized.ids[:len(expected.ids)] != expected.ids
+
+  out_json = tmp_path / "out.json"
+  run = _run([f"--checkpoint={tiny_chat_dir}", "--chat", "--prompt=e", "--weights=int8", f"--stop={stop}",
+              "--max_new_tokens=36", f"--output_json={out_json}"])
+  assert run.returncode == 0, run.stderr[-2000:]
+  [row] = json.loads(out_json.read_text())["results"]
+  assert row == {"prompt": "e", "completion": expected.text, "ids": expected.ids, "finish_reason": "stop"}
+  assert run.stdout == expected.text + "\n"

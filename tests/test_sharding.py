@@ -157,7 +157,8 @@ def test_eval_without_batch_size_fits_the_mesh(tiny_hf_model, write_tiny_gguf, s
 
 @pytest.mark.slow
 def test_two_processes_eval_like_one(smollm2_llama_hk, shakespeare_dir, tmp_path):
-  """README's two-process command (no --batch_size): 2 processes x 4 devices score as 1 x 8, printing once."""
+  """README's two-process command (no --batch_size): 2 processes x 4 devices score as 1 x 8, printing once and
+  writing --output_json from process 0 alone (each process is given its own path)."""
   text = tmp_path / "text.txt"
   text.write_text((shakespeare_dir / "sonnets.txt" if (shakespeare_dir / "sonnets.txt").exists()
                    else shakespeare_dir / "lovers_complaint.txt").read_text()[:6000])
@@ -167,13 +168,16 @@ def test_two_processes_eval_like_one(smollm2_llama_hk, shakespeare_dir, tmp_path
   assert single.returncode == 0, single.stderr[-2000:]
   env = {**devices(4), "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
   results = run_group(lambda port: [([sys.executable, *args, f"--coordinator_address=127.0.0.1:{port}",
-                                      "--num_processes=2", f"--process_id={i}"], env) for i in range(2)], timeout=600)
+                                      "--num_processes=2", f"--process_id={i}",
+                                      f"--output_json={tmp_path / f'multi{i}.json'}"], env) for i in range(2)],
+                      timeout=600)
   for result in results:
     assert result.returncode == 0, result.stderr[-3000:]
   outputs = [(r.stdout, r.stderr) for r in results]
   printed = [line for out, _ in outputs for line in out.strip().splitlines() if line.startswith("{")]
   assert len(printed) == 1, outputs  # Only process 0 prints.
   multi, one = json.loads(printed[0]), json.loads(single.stdout.strip().splitlines()[-1])
+  assert json.loads((tmp_path / "multi0.json").read_text()) == multi and not (tmp_path / "multi1.json").exists()
   assert multi["tokens"] == one["tokens"]
   assert abs(multi["nll"] - one["nll"]) <= 1e-6 * one["nll"]
 

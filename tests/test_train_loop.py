@@ -9,12 +9,15 @@ import json
 import os
 import pathlib
 import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 from llama_hk import checkpoints
+from llama_hk import eval as evaluation
+from llama_hk import inference
 from llama_hk import config as config_lib
 from llama_hk import sharding
 from llama_hk import train
@@ -22,8 +25,8 @@ from llama_hk.errors import UserError
 from llama_hk.train import loop
 from llama_hk.train import metrics as metrics_lib
 from llama_hk.train import state as state_lib
-from harness import (EIGHT_DEVICES, devices, kill_after_checkpoint, metrics, run_group, run_train, train_command,
-                     train_losses)
+from harness import (EIGHT_DEVICES, assert_one_line_error, devices, kill_after_checkpoint, metrics, run_children,
+                     run_group, run_train, train_command, train_losses)
 
 SMALL_MODEL = {"config.LlamaConfig.d_model": 32, "config.LlamaConfig.num_layers": 2,
                "config.LlamaConfig.num_heads": 4, "config.LlamaConfig.num_kv_heads": 2,
@@ -37,13 +40,6 @@ def data_args(shakespeare_data_dir, shakespeare_tokenizer_dir, shakespeare_dir) 
               "SHAKESPEARE_SOURCE_DIR": repr(str(shakespeare_dir)), "SEQ_LEN": 32, "BATCH_SIZE": 4,
               "WARMUP_STEPS": 1, "LOG_EVERY": 1, "EVAL_EVERY": 1000, "EVAL_MAX_BATCHES": 2, **SMALL_MODEL}
   return ["--gin_file=gin/tiny.gin"] + [f"--gin.{key}={value}" for key, value in bindings.items()]
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-  assert result.returncode == 1, result.stderr[-2000:]
-  lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-  assert len(lines) == 1 and all(f in lines[0] for f in fragments), result.stderr[-2000:]
-  assert "Traceback" not in result.stderr
 
 
 TINY = config_lib.LlamaConfig(vocab_size=64, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=32,
@@ -190,10 +186,18 @@ def test_run_from_scratch_needs_a_trained_tokenizer(tmp_path):
       state_lib.starting_point(checkpointer, tmp_path / "run", TINY, None, None)
 
 
-@pytest.mark.slow
-def test_run_writes_model_dir_and_evaluates(tmp_path, data_args):
-  result = run_train(tmp_path, data_args, TRAIN_STEPS=4, CHECKPOINT_EVERY=2, EVAL_EVERY=4)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_args) -> tuple[pathlib.Path, subprocess.CompletedProcess]:
+  """A 4-step bin/train run checkpointing every step and keeping the last 2: its model_dir and its result."""
+  model_dir = tmp_path_factory.mktemp("trained")
+  result = run_train(model_dir, data_args, TRAIN_STEPS=4, CHECKPOINT_EVERY=1, KEEP_CHECKPOINTS=2, EVAL_EVERY=4)
   assert result.returncode == 0, result.stderr[-3000:]
+  return model_dir, result
+
+
+@pytest.mark.slow
+def test_run_writes_model_dir_and_evaluates(trained):
+  tmp_path, result = trained
   assert "steps/s" in result.stdout and "time left" in result.stdout
   records = metrics(tmp_path)
   assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
@@ -209,11 +213,42 @@ def test_run_writes_model_dir_and_evaluates(tmp_path, data_args):
   operative = (tmp_path / "config.gin").read_text()
   assert "configs.LoopConfig.train_steps = %TRAIN_STEPS" in operative and "loop.train.loop = @configs.LoopConfig()" \
       in operative
-  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "4"]  # 4 written, the last 2 kept.
   loaded = checkpoints.load(tmp_path)
   assert loaded.config.d_model == 32 and loaded.tokenizer is not None
   assert list(tmp_path.glob("events.out.tfevents.*"))
   assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # Drawn after the evaluation.
+
+
+@pytest.mark.slow
+def test_binaries_read_the_model_dir(trained, shakespeare_dir, tmp_path):
+  """bin/convert (to HF, forced into several shards), bin/eval and bin/generate given the model_dir read its latest
+  checkpoint: the export holds its parameters exactly, and eval and generate agree with the library on the export."""
+  model_dir, _ = trained
+  text = tmp_path / "text.txt"
+  text.write_text((shakespeare_dir / "twelfth_night.txt").read_text()[:3000])
+  hf_dir, eval_json, generate_json = tmp_path / "hf", tmp_path / "eval.json", tmp_path / "generate.json"
+  binary = lambda name, *args: ([sys.executable, f"bin/{name}", *args], None)
+  runs = run_children([
+      binary("convert", f"--input={model_dir}", f"--output={hf_dir}", "--output_format=hf", "--max_shard_bytes=100000"),
+      binary("eval", f"--checkpoint={model_dir}", f"--text_file={text}", "--max_seq_len=32",
+             f"--output_json={eval_json}"),
+      binary("generate", f"--checkpoint={model_dir}", "--prompt=ROMEO:", "--max_new_tokens=8",
+             f"--output_json={generate_json}")], timeout=300)
+  for run in runs:
+    assert run.returncode == 0, run.stderr[-3000:]
+  stored = checkpoints.load(model_dir, on_device=False)
+  assert len(set(json.loads((hf_dir / "model.safetensors.index.json").read_text())["weight_map"].values())) >= 3
+  exported = checkpoints.load(hf_dir, on_device=False)
+  jax.tree.map(np.testing.assert_array_equal, exported.params, stored.params)
+  expected = evaluation.evaluate_text(hf_dir, str(text), max_seq_len=32)
+  result = json.loads(eval_json.read_text())
+  assert result["tokens"] == expected["tokens"] > 32
+  assert result["nll"] == pytest.approx(expected["nll"], rel=1e-6)
+  generator = inference.Generator(exported.config, exported.params, exported.tokenizer)
+  [completion], _ = generator.generate([inference.prompt_ids(exported.tokenizer, "ROMEO:")], max_new_tokens=8)
+  [row] = json.loads(generate_json.read_text())["results"]
+  assert row["ids"] == completion.ids and row["completion"] == completion.text
 
 
 @pytest.mark.slow

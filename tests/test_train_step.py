@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from llama_hk import config as config_lib
 from llama_hk import train
@@ -98,3 +99,46 @@ def test_accumulation_equals_whole_batch_and_bf16_remat_run():
   state, metrics = jax.jit(train.make_train_step(low, optimizer))(train.init_state(low, optimizer), batch)
   assert state.params["decoder/mlp"]["up_proj"].dtype == jnp.float32
   np.testing.assert_allclose(metrics["loss"], whole_metrics["loss"], rtol=2e-2)
+
+
+def test_masked_losses_follow_their_formulas_on_fixed_logits():
+  """Summed cross-entropy and summed z-loss term logsumexp(logits)^2 over the masked tokens, against NumPy."""
+  rng = np.random.default_rng(1)
+  logits = (rng.standard_normal((2, 5, 11)) * 3 + 4).astype(np.float32)  # (B, T, V); logsumexp far from 0.
+  targets = rng.integers(0, 11, (2, 5)).astype(np.int32)  # (B, T)
+  mask = (rng.random((2, 5)) < 0.6).astype(np.float32)  # (B, T)
+  shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+  log_z = np.log(np.exp(shifted).sum(-1)) + logits.max(-1)  # (B, T)
+  nll = log_z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]  # (B, T)
+  nll_sum, z_sum = train.masked_losses(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+  np.testing.assert_allclose(float(nll_sum), (nll * mask).sum(), rtol=1e-6)
+  np.testing.assert_allclose(float(z_sum), (log_z ** 2 * mask).sum(), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_z_loss_value_and_gradient_equal_pytorch(tiny_hf_model):
+  """The step's z_loss metric is the masked mean of logsumexp(logits)^2, and z_loss_weight adds it to the objective:
+  its gradient norm is that of torch's cross-entropy + weight * z-loss."""
+  hf = tiny_hf_model(seed=4, weight_std=0.05)
+  config = config_lib.from_hf_config(hf.config.to_dict())
+  params = params_from_hf({k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}, config)
+  optimizer = train.make_optimizer(total_steps=1, schedule="constant", **HYPER)
+  [batch] = _batches(config.vocab_size, 1)
+  weight = 0.2
+  _, metrics = jax.jit(train.make_train_step(config, optimizer, z_loss_weight=weight))(
+      train.init_state(config, optimizer, params=params), batch)
+
+  def torch_grad_norm(z_weight):
+    hf.zero_grad()
+    logits = hf(input_ids=torch.from_numpy(batch["tokens"]).long()).logits  # (B, T, V)
+    mask = torch.from_numpy(batch["loss_mask"])  # (B, T)
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), torch.from_numpy(batch["targets"]).long(),
+                                            reduction="none")  # (B, T)
+    z_loss = (torch.logsumexp(logits, -1) ** 2 * mask).sum() / mask.sum()
+    ((nll * mask).sum() / mask.sum() + z_weight * z_loss).backward()
+    return float(torch.sqrt(sum((p.grad ** 2).sum() for p in hf.parameters()))), float(z_loss.detach())
+
+  (grad_norm, z_loss), (unweighted_norm, _) = torch_grad_norm(weight), torch_grad_norm(0.0)
+  np.testing.assert_allclose(float(metrics["z_loss"]), z_loss, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["grad_norm"]), grad_norm, rtol=1e-5)
+  assert abs(unweighted_norm - grad_norm) > 1e-3 * grad_norm  # The weighted term is visible at this bound.

@@ -22,7 +22,7 @@ from llama_hk import sharding
 from llama_hk.config import LlamaConfig
 from llama_hk.models import llama
 from llama_hk.ops import dense
-from harness import run_children, sharded_logit_diffs
+from harness import assert_one_line_error, run_children, sharded_logit_diffs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HELD_OUT_PLAY = "twelfth_night.txt"  # One of data.builders.VALIDATION_WORKS.
@@ -184,7 +184,9 @@ def tiny_int8(tmp_path_factory, tiny_hf_model, write_tiny_gguf):
           "int4": [convert, f"--input={gguf_path}", f"--output={root / 'int4'}", "--weights=int4"],
           "dtype": [convert, f"--input={gguf_path}", f"--output={root / 'dtype'}", "--dtype=bfloat16"],
           "hf_int8": [convert, f"--input={gguf_path}", f"--output={root / 'hf_int8'}", "--weights=int8",
-                      "--output_format=hf"]}
+                      "--output_format=hf"],
+          "shard_bytes": [convert, f"--input={gguf_path}", f"--output={root / 'shard_bytes'}", "--output_format=hf",
+                          "--max_shard_bytes=0"]}
   with futures.ThreadPoolExecutor(len(runs)) as pool:
     results = dict(zip(runs, pool.map(lambda args: _binary(*args), runs.values())))
   return gguf_path, root, results
@@ -193,8 +195,8 @@ def tiny_int8(tmp_path_factory, tiny_hf_model, write_tiny_gguf):
 @pytest.mark.slow
 def test_convert_int8_round_trip_and_bad_input(tiny_int8):
   """bin/convert --weights=int8 writes int8 leaves with float32 scales equal to quantizing the GGUF's tensors;
-  loading it back as is, or as float32 (dequantized), or to HF, gives those values; --weights=int4, the old --dtype
-  and int8 HF output fail with one `error: ` line naming the flag, exit 1, nothing written."""
+  loading it back as is, or as float32 (dequantized), or to HF, gives those values; --weights=int4, the old --dtype,
+  int8 HF output and --max_shard_bytes=0 fail with one `error: ` line naming the flag, exit 1, nothing written."""
   gguf_path, root, results = tiny_int8
   assert results["int8"].returncode == 0, results["int8"].stderr[-2000:]
   stored = checkpoints.load(root / "int8", on_device=False)
@@ -219,13 +221,9 @@ def test_convert_int8_round_trip_and_bad_input(tiny_int8):
   exported = checkpoints.load(root / "hf", on_device=False)
   assert exported.config.param_dtype == "float32"
   np.testing.assert_array_equal(exported.params["decoder/mlp"]["up_proj"], dequantized["decoder/mlp"]["up_proj"])
-  for bad, flag in (("int4", "--weights"), ("dtype", "--weights"), ("hf_int8", "--weights=int8")):
-    result = results[bad]
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 1 and lines[-1].startswith("error: ") and flag in lines[-1], result.stderr[-2000:]
-    assert len([line for line in lines if line.startswith("error")]) == 1
-    assert not (root / bad).exists() and not list(root.glob(f".{bad}*")), bad
-  assert "--dtype is replaced by --weights=float32|bfloat16|int8" in results["dtype"].stderr
+  for bad, message in (("int4", "--weights=int4"), ("dtype", "--dtype is replaced by --weights=float32|bfloat16|int8"),
+                       ("hf_int8", "--weights=int8"), ("shard_bytes", "--max_shard_bytes=0: 0 is not a positive")):
+    assert_one_line_error(results[bad], message, outputs=[root / bad])
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from llama_hk import sharding
 from llama_hk.checkpoints import formats
 from llama_hk.checkpoints import gguf_export
 from llama_hk.checkpoints import peft
-from llama_hk.checkpoints.hf import export as export_hf
+from llama_hk.checkpoints.hf import MAX_SHARD_BYTES, export as export_hf
 from llama_hk.checkpoints.leaves import Placement
 from llama_hk.checkpoints.native import CONFIG_FILE, PARAMS_DIR, TRAINING_CHECKPOINTS_DIR, latest_step, save
 from llama_hk.config import LlamaConfig
@@ -25,8 +25,8 @@ from llama_hk.io_utils import check_output_dir
 from llama_hk.ops import lora as lora_lib
 from llama_hk.tokenizers.tokenizer import Tokenizer
 
-__all__ = ["CONFIG_FILE", "PARAMS_DIR", "TRAINING_CHECKPOINTS_DIR", "Checkpoint", "convert", "detect_kind",
-           "export_hf", "latest_step", "load", "load_config", "save"]
+__all__ = ["CONFIG_FILE", "MAX_SHARD_BYTES", "PARAMS_DIR", "TRAINING_CHECKPOINTS_DIR", "Checkpoint", "convert",
+           "detect_kind", "export_hf", "latest_step", "load", "load_config", "save"]
 
 
 class Checkpoint(NamedTuple):
@@ -84,14 +84,14 @@ def load(path: str | os.PathLike, dtype: str | None = None, on_device: bool = Tr
 
 def convert(source: str | os.PathLike, output: str | os.PathLike, output_format: str = "llama_hk",
             dtype: str | None = None, adapter: str | os.PathLike | None = None, merge_lora: bool = False,
-            gguf_type: str = "f32") -> None:
+            gguf_type: str = "f32", max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
   """Any checkpoint to llama_hk (streamed: one leaf in memory at a time), to an HF directory or to one GGUF file
   ("gguf", its matrices in `gguf_type`), or the LoRA adapter of `adapter` (or of a LoRA training model_dir) alone
   as a PEFT directory ("peft").
 
   With `merge_lora`, the adapter is folded into the weights of the llama_hk, HF or GGUF output. `dtype` is a
   param_dtype (int8: quantized tensor by tensor as read, llama_hk output only); an int8 checkpoint is written to HF
-  and GGUF from its dequantized weights.
+  and GGUF from its dequantized weights. `max_shard_bytes` bounds each HF safetensors shard.
   """
   if output_format in ("hf", "gguf") and dtype == "int8":
     raise UserError("--weights=int8 is written as a llama_hk checkpoint only (--output_format=llama_hk)")
@@ -116,7 +116,7 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, output_format:
     ckpt = load(source, dtype=dtype, on_device=False, adapter=adapter)
     tree = lora_lib.merged(ckpt.params, ckpt.lora) if merge_lora else ckpt.params
     if output_format == "hf":
-      export_hf(output, ckpt.config, tree, ckpt.tokenizer)
+      export_hf(output, ckpt.config, tree, ckpt.tokenizer, max_shard_bytes=max_shard_bytes)
     elif output_format == "gguf":
       gguf_export.export(output, ckpt.config, tree, ckpt.tokenizer, gguf_type)
     else:

@@ -99,15 +99,16 @@ def _open_weight_file(path: pathlib.Path):
 
 
 def export(path: str | os.PathLike, config: LlamaConfig, tree, tokenizer: Tokenizer | None,
-           dtype: str | None = None) -> None:
+           dtype: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
   """Writes a Hugging Face directory (config.json, safetensors, tokenizer files) loadable by transformers,
-  atomically; safetensors shards of at most MAX_SHARD_BYTES, each tensor made only as it is written."""
+  atomically; safetensors shards of at most `max_shard_bytes` (a larger tensor alone in its shard) with
+  model.safetensors.index.json when there are several, each tensor made only as it is written."""
   dtype = np.dtype(dtype or config.param_dtype)
   tensors = [(name, shape, dtype, make) for name, shape, make in params.hf_tensors(tree, config)]
   shards, current, size = [], [], 0
   for entry in tensors:
     nbytes = int(np.prod(entry[1])) * dtype.itemsize
-    if current and size + nbytes > MAX_SHARD_BYTES:
+    if current and size + nbytes > max_shard_bytes:
       shards.append(current)
       current, size = [], 0
     current.append(entry)
