@@ -7,7 +7,6 @@ files must hold the same metadata and tensors, and transformers must load ours a
 
 import pathlib
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -190,13 +189,10 @@ def test_q8_0_export_perplexity_within_one_percent_of_f32(exports, hf_dir, shake
 ])
 def test_bad_export_flags_are_one_line_errors(hf_dir, tmp_path, flags, message):
   output = tmp_path / "out.gguf"
-  result = subprocess.run([sys.executable, "bin/convert", f"--input={hf_dir}", f"--output={output}",
-                           "--output_format=gguf", *flags], cwd=harness.REPO, capture_output=True, text=True,
-                          timeout=120)
-  lines = result.stderr.strip().splitlines()
-  assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
-      result.stderr[-2000:]
-  assert not output.exists() and list(tmp_path.iterdir()) == []
+  [result] = harness.run_children([([sys.executable, "bin/convert", f"--input={hf_dir}", f"--output={output}",
+                                     "--output_format=gguf", *flags], None)], timeout=120)
+  harness.assert_one_line_error(result, message, outputs=[output])
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_export_refuses_an_existing_file(hf_dir, tmp_path):

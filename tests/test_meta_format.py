@@ -6,7 +6,6 @@ GGUF of that directory, and transformers loads the GGUF: our direct read must gi
 """
 
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -107,9 +106,7 @@ def test_meta_directory_without_params_json_is_a_one_line_error(meta_dir, tmp_pa
   directory.mkdir()
   (directory / "consolidated.00.pth").write_bytes((meta_dir[0] / "consolidated.00.pth").read_bytes())
   output = tmp_path / "out"
-  result = subprocess.run([sys.executable, "bin/convert", f"--input={directory}", f"--output={output}"],
-                          cwd=harness.REPO, capture_output=True, text=True, timeout=120)
-  lines = result.stderr.strip().splitlines()
-  assert result.returncode == 1 and lines == [f"error: {directory}: has consolidated.*.pth files but no params.json"], \
-      result.stderr[-2000:]
-  assert not output.exists()
+  [result] = harness.run_children([([sys.executable, "bin/convert", f"--input={directory}", f"--output={output}"],
+                                     None)], timeout=120)
+  harness.assert_one_line_error(result, f"error: {directory}: has consolidated.*.pth files but no params.json",
+                                outputs=[output])
