@@ -135,3 +135,71 @@ def test_tokenizer_ids_equal_autotokenizer_on_the_original(converted, shakespear
                                                                               .input_ids)
   if name == "spm":  # Byte fallback pieces are used for the characters outside the 2000 pieces.
     assert any(tok.token_bytes(i).startswith(b"\xe6") for i in tok.encode("東京"))
+
+
+# K-quants and the legacy block types, written with gguf-py (llama.cpp's quantizer is not used): gguf.quants quantizes
+# the legacy types; K-type blocks are random bytes with finite fp16 scales. Each type's fp16 scale offsets in its block
+# and their size, chosen so that weights stay around 0.05.
+K_SCALES = {"Q2_K": ((80, 82), 4e-3), "Q3_K": ((108,), 1.25e-3), "Q4_K": ((0, 2), 2e-4), "Q5_K": ((0, 2), 1e-4),
+            "Q6_K": ((208,), 5e-5)}
+LAYER_TYPES = [("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1"),
+               ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "Q4_1")]
+MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def quantized(array: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, object]:
+  """`array` (or random K-type blocks of its shape) as raw GGUF bytes (rows, bytes per row) of type `kind`."""
+  qtype = gguf.GGMLQuantizationType[kind]
+  if kind not in K_SCALES:
+    return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
+  block, size = gguf.GGML_QUANT_SIZES[qtype]
+  blocks = rng.integers(0, 256, size=(array.size // block, size), dtype=np.uint8)
+  offsets, scale = K_SCALES[kind]
+  for offset in offsets:
+    blocks[:, offset:offset + 2] = (rng.uniform(0.5, 1.5, (len(blocks), 1)) * scale).astype(np.float16).view(np.uint8)
+  return blocks.reshape(array.shape[0], -1), qtype
+
+
+def write_quantized(path, model, write_tiny_gguf, types: dict[str, str]) -> None:
+  rng = np.random.default_rng(7)
+  write_tiny_gguf(path, model, encode=lambda name, array: quantized(array, types[name], rng) if name in types else None)
+
+
+@pytest.fixture(scope="module")
+def kquant_model(tiny_hf_model):
+  return tiny_hf_model(seed=4, weight_std=0.06, vocab_size=1024, hidden_size=256, intermediate_size=256,
+                       num_attention_heads=4, num_key_value_heads=2)
+
+
+def test_every_tensor_type_dequantizes_as_gguf_py(kquant_model, write_tiny_gguf, tmp_path):
+  """F16, BF16 and all eleven block types load bitwise as gguf-py's gguf.quants.dequantize gives them, in the
+  tensor's (rows, columns) shape, and as transformers' own dequantizer does for the block types it reads (all but
+  Q5_0/Q5_1)."""
+  from transformers.integrations.gguf import dequant
+  kinds = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+  names = [f"blk.{i}.{m}.weight" for i in range(2) for m in MATRICES]
+  types = dict(zip(names, kinds))
+  path = tmp_path / "all_types.gguf"
+  write_quantized(path, kquant_model, write_tiny_gguf, types)
+  get = gguf_format.GgufFile().tensors(path)
+  for t in gguf.GGUFReader(path).tensors:
+    if t.name in types:
+      assert t.tensor_type.name == types[t.name]
+      expected = gguf.quants.dequantize(t.data, t.tensor_type)
+      got = get(t.name)
+      assert got.shape == tuple(int(n) for n in reversed(t.shape)) and np.isfinite(got).all(), t.name
+      np.testing.assert_array_equal(got.astype(np.float32), expected.astype(np.float32), err_msg=t.name)
+      if t.tensor_type in dequant.GGML_NAME:
+        independent = dequant.dequantize(torch.from_numpy(np.asarray(t.data).reshape(-1).copy()), int(t.tensor_type))
+        np.testing.assert_array_equal(got.reshape(-1), independent.numpy(), err_msg=t.name)
+      assert 0.005 < np.std(got) < 1, (t.name, np.std(got))
+
+
+def test_k_quant_model_gives_transformers_gguf_logits(kquant_model, write_tiny_gguf, tmp_path):
+  """A model whose fourteen matrices are Q2_K..Q6_K, Q4_0, Q4_1 and Q8_0: logits equal transformers' GGUF loader's
+  (its own dequantization) on the same file."""
+  types = {f"blk.{i}.{m}.weight": kind for i, kinds in enumerate(LAYER_TYPES) for m, kind in zip(MATRICES, kinds)}
+  path = tmp_path / "kquant.gguf"
+  write_quantized(path, kquant_model, write_tiny_gguf, types)
+  ours, reference = our_logits(path), transformers_gguf_logits(path)
+  assert np.abs(reference).max() > 1 and np.abs(ours - reference).max() <= 1e-4
