@@ -4,6 +4,7 @@ quantized tensors dequantize as gguf-py does; bad files are one-line errors."""
 
 import json
 import os
+import re
 import pathlib
 import shutil
 import subprocess
@@ -203,3 +204,73 @@ def test_k_quant_model_gives_transformers_gguf_logits(kquant_model, write_tiny_g
   write_quantized(path, kquant_model, write_tiny_gguf, types)
   ours, reference = our_logits(path), transformers_gguf_logits(path)
   assert np.abs(reference).max() > 1 and np.abs(ours - reference).max() <= 1e-4
+
+
+SPLIT_TEXT = "Hello's WORLD'LL 12345 x+=1;\n\n  ça  va?\r\n"
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
+def test_bpe_pre_tokenizers_split_as_transformers_gguf(pre, tiny_hf_model, write_tiny_gguf, tmp_path):
+  """tokenizer.ggml.pre = llama-bpe / qwen2: the text splits into transformers' GGUF tokenizer's pieces and ids."""
+  path = tmp_path / f"{pre}.gguf"
+  write_tiny_gguf(path, tiny_hf_model(vocab_size=288), pre=pre)
+  ours = gguf_format.GgufFile().tokenizer(path)
+  reference = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+  pieces = ours._hf.pre_tokenizer.pre_tokenize_str(SPLIT_TEXT)
+  assert pieces == reference.backend_tokenizer.pre_tokenizer.pre_tokenize_str(SPLIT_TEXT)
+  assert ("Ġ12345" in [p for p, _ in pieces]) is False  # Digits split off (three or one at a time).
+  assert ours.encode(SPLIT_TEXT) == reference(SPLIT_TEXT).input_ids
+
+
+def test_default_and_absent_pre_tokenizers(tiny_hf_model, write_tiny_gguf, tmp_path):
+  """pre = default runs llama.cpp's four default regexes in turn (punctuation runs, GPT-2's split, digit runs, then
+  digit triples); a file without `pre` keeps GPT-2's byte-level split."""
+  pieces = {}
+  for pre in ("default", None):
+    path = tmp_path / f"{pre}.gguf"
+    write_tiny_gguf(path, tiny_hf_model(vocab_size=288), pre=pre)
+    tok = gguf_format.GgufFile().tokenizer(path)
+    pieces[pre] = [p for p, _ in tok._hf.pre_tokenizer.pre_tokenize_str("x+=12345 it's")]
+  assert pieces["default"] == ["x", "+=", "123", "45", "Ġit", "'", "s"]
+  assert pieces[None] == ["x", "+=", "12345", "Ġit", "'s"]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tiny_hf_model, write_tiny_gguf, tmp_path_factory) -> dict[str, pathlib.Path]:
+  root = tmp_path_factory.mktemp("bad_gguf")
+  model = tiny_hf_model(vocab_size=288)
+  paths = {name: root / f"{name}.gguf" for name in ("arch", "pre", "type", "good", "truncated")}
+  write_tiny_gguf(paths["arch"], model, arch="qwen3")
+  write_tiny_gguf(paths["pre"], model, pre="no-such-pre")
+  write_tiny_gguf(paths["type"], model, {"blk.0.ffn_up.weight": gguf.GGMLQuantizationType.IQ4_NL})
+  write_tiny_gguf(paths["good"], model)
+  paths["truncated"].write_bytes(paths["good"].read_bytes()[:-1000])
+  return paths
+
+
+BAD_GGUF = {
+    "arch": r"GGUF architecture is 'qwen3', only 'llama' is supported",
+    "pre": r"GGUF pre-tokenizer tokenizer\.ggml\.pre='no-such-pre' is not supported",
+    "type": r"tensor blk\.0\.ffn_up\.weight has unsupported GGUF type IQ4_NL",  # gguf-py could dequantize it.
+    "truncated": r"truncated or corrupt GGUF file",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GGUF))
+def test_bad_gguf_is_a_one_line_error_and_writes_nothing(case, bad_files, tmp_path):
+  with pytest.raises(UserError) as excinfo:
+    checkpoints.convert(bad_files[case], tmp_path / "converted")
+  assert_one_line_error(excinfo, str(bad_files[case]))
+  assert re.search(BAD_GGUF[case], str(excinfo.value)), str(excinfo.value)
+  assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_bin_convert_rejects_truncated_gguf(bad_files, tmp_path):
+  """The binary too: exit 1, one `error:` line naming the file, no output directory."""
+  proc = subprocess.run([sys.executable, str(REPO / "bin" / "convert"), f"--input={bad_files['truncated']}",
+                         f"--output={tmp_path / 'converted'}"], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+  lines = proc.stderr.splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and str(bad_files["truncated"]) in lines[0], proc.stderr
+  assert re.search(BAD_GGUF["truncated"], lines[0]) and list(tmp_path.iterdir()) == []
