@@ -1,5 +1,5 @@
-"""GGUF files (llama.cpp): the config from the metadata, tensors dequantized to float32, and the tokenizer the
-metadata describes (rebuilt by tokenizers.from_gguf).
+"""GGUF files (llama.cpp): the config from the metadata (and rope_freqs.weight), tensors dequantized to float32, and
+the tokenizer the metadata describes (rebuilt by tokenizers.from_gguf).
 
 Tensors keep llama.cpp's layout: HF's, except the Q and K rows that `params.iter_params` unpermutes (naming "gguf").
 A file is parsed once for its config, tokenizer and tensors (the last one opened stays memory-mapped).
@@ -83,7 +83,8 @@ class GgufFile:
       t = tensors[name]
       kind = t.tensor_type.name
       if kind not in TENSOR_TYPES:
-        raise UserError(f"{path}: tensor {name} has unsupported GGUF type {kind} (supported: {', '.join(TENSOR_TYPES)})")
+        raise UserError(f"{path}: tensor {name} has unsupported GGUF type {kind} "
+                        f"(supported: {', '.join(TENSOR_TYPES)})")
       if kind in ("F32", "F16"):
         return np.asarray(t.data).reshape(tuple(int(n) for n in reversed(t.shape)))
       return gguf.quants.dequantize(t.data, t.tensor_type)

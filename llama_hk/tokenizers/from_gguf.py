@@ -41,9 +41,9 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any], source: str) -> Tokenizer:
     tok, is_spelled = _sentencepiece_bpe(metadata, tokens, types), lambda token: True
   else:
     raise UserError(f"{source}: GGUF tokenizer type {kind!r} is not supported (only 'gpt2' and 'llama')")
-  control = [t for t, kind in zip(tokens, types) if kind == _CONTROL and is_spelled(t)]
+  control = [t for t, token_type in zip(tokens, types) if token_type == _CONTROL and is_spelled(t)]
   tok.add_special_tokens([tokenizers.AddedToken(t, normalized=False, special=True) for t in control])
-  user_defined = [t for t, kind in zip(tokens, types) if kind == _USER_DEFINED]
+  user_defined = [t for t, token_type in zip(tokens, types) if token_type == _USER_DEFINED]
   tok.add_tokens([tokenizers.AddedToken(t, normalized=False, special=False) for t in user_defined])
 
   def token(key):
@@ -98,7 +98,7 @@ def _sentencepiece_bpe(metadata: Mapping[str, Any], tokens: list[str], types: li
 
   scores = metadata.get("tokenizer.ggml.scores", [-float(i) for i in range(len(tokens))])
   vocab = {token: i for i, token in enumerate(tokens)}
-  normal = {token for token, kind in zip(tokens, types) if kind == _NORMAL}
+  normal = {token for token, token_type in zip(tokens, types) if token_type == _NORMAL}
   ranked = []
   for token in normal:
     for cut in range(1, len(token)):
