@@ -49,10 +49,17 @@ class LlamaConfig:
   attention_impl: str = "split_causal"  # One of ATTENTION_IMPLS.
   family: str = "llama"  # One of FAMILIES.
   sliding_window: int | None = None  # Mistral: a query sees this many most recent keys, itself included.
+  # Per-frequency divisors of the inverse frequencies (K/2,), as a GGUF's rope_freqs.weight gives them (Llama-3.1).
+  rope_freq_factors: tuple[float, ...] | None = None
 
   def __post_init__(self):
     if self.head_dim is None:
       object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
+    if self.rope_freq_factors is not None:  # A tuple, also when read back from JSON, so the config stays hashable.
+      object.__setattr__(self, "rope_freq_factors", tuple(float(f) for f in self.rope_freq_factors))
+      if len(self.rope_freq_factors) != self.head_dim // 2:
+        raise UserError(f"LlamaConfig.rope_freq_factors has {len(self.rope_freq_factors)} factors, "
+                        f"head_dim={self.head_dim} needs {self.head_dim // 2}")
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff", "head_dim"):
       if getattr(self, name) <= 0:
         raise UserError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}")

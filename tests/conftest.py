@@ -151,16 +151,19 @@ _GGUF_NAMES = {
 }
 
 
-def _write_tiny_gguf(path, model, raw_types: dict | None = None) -> None:
+def _write_tiny_gguf(path, model, raw_types: dict | None = None, *, arch: str = "llama", pre: str | None = None,
+                     encode=None) -> None:
   """Writes a transformers LlamaForCausalLM as a llama.cpp-layout GGUF (F32 tensors, a byte-level BPE tokenizer).
 
-  `raw_types` maps GGUF tensor names to a GGMLQuantizationType whose (zero) bytes replace that tensor.
+  `raw_types` maps GGUF tensor names to a GGMLQuantizationType whose (zero) bytes replace that tensor; `arch` and
+  `pre` are the general.architecture and tokenizer.ggml.pre written; `encode(gguf_name, array)` may return
+  `(raw uint8 bytes, GGMLQuantizationType)` to store a tensor in that type (None: float32).
   """
   import gguf
   import numpy as np
 
   c = model.config
-  writer = gguf.GGUFWriter(str(path), "llama")
+  writer = gguf.GGUFWriter(str(path), arch)
   writer.add_block_count(c.num_hidden_layers)
   writer.add_context_length(c.max_position_embeddings)
   writer.add_embedding_length(c.hidden_size)
@@ -180,6 +183,8 @@ def _write_tiny_gguf(path, model, raw_types: dict | None = None) -> None:
   assert c.vocab_size >= len(tokens), f"vocab_size must be at least {len(tokens)} for a GGUF tokenizer"
   tokens += [f"<extra_{i}>" for i in range(c.vocab_size - len(tokens))]
   writer.add_tokenizer_model("gpt2")
+  if pre is not None:
+    writer.add_tokenizer_pre(pre)
   writer.add_token_list(tokens)
   writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
   writer.add_token_merges(merges)
@@ -203,6 +208,8 @@ def _write_tiny_gguf(path, model, raw_types: dict | None = None) -> None:
       block, type_size = gguf.GGML_QUANT_SIZES[qtype]
       raw = np.zeros((array.shape[0], array.shape[1] // block * type_size), np.uint8)
       writer.add_tensor(gguf_name, raw, raw_dtype=qtype)
+    elif encode is not None and (encoded := encode(gguf_name, array)) is not None:
+      writer.add_tensor(gguf_name, encoded[0], raw_dtype=encoded[1])
     else:
       writer.add_tensor(gguf_name, np.ascontiguousarray(array))
   writer.write_header_to_file()

@@ -1,5 +1,5 @@
-"""GGUF files (llama.cpp): the config from the metadata, tensors dequantized to float32, and the tokenizer the
-metadata describes (rebuilt by tokenizers.from_gguf).
+"""GGUF files (llama.cpp): the config from the metadata (and rope_freqs.weight), tensors dequantized to float32, and
+the tokenizer the metadata describes (rebuilt by tokenizers.from_gguf).
 
 Tensors keep llama.cpp's layout: HF's, except the Q and K rows that `params.iter_params` unpermutes (naming "gguf").
 A file is parsed once for its config, tokenizer and tensors (the last one opened stays memory-mapped).
@@ -19,6 +19,8 @@ from llama_hk.tokenizers import from_gguf
 from llama_hk.tokenizers.tokenizer import Tokenizer
 
 MAGIC = b"GGUF"
+# The tensor types read (the quantized ones dequantized by gguf-py's gguf.quants); any other is refused by name.
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
 class _Parsed(NamedTuple):
@@ -43,8 +45,6 @@ class GgufFile:
     if arch != "llama":
       raise UserError(f"{source}: GGUF architecture is {arch!r}, only 'llama' is supported")
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:
-      raise UserError(f"{source}: per-frequency RoPE factors (rope_freqs.weight) are not supported")
     try:
       d_model = int(meta["llama.embedding_length"])
       num_heads = int(meta["llama.attention.head_count"])
@@ -65,6 +65,8 @@ class GgufFile:
           tie_embeddings="output.weight" not in names,
           max_seq_len=int(meta.get("llama.context_length", 2048)),
           param_dtype="float32",
+          rope_freq_factors=(tuple(self.tensors(path)("rope_freqs.weight").reshape(-1).tolist())
+                             if "rope_freqs.weight" in names else None),
       )
     except KeyError as e:
       raise UserError(f"{source}: GGUF metadata lacks {e}") from None
@@ -73,20 +75,19 @@ class GgufFile:
     return from_gguf.tokenizer_from_gguf(_parse(path).metadata, str(path))
 
   def tensors(self, path: pathlib.Path) -> Callable[[str], np.ndarray]:
-    """GGUF name -> array: F32/F16 as stored, quantized types dequantized (to float32)."""
+    """GGUF name -> array: F32/F16 as stored, BF16 and the quantized types dequantized (to float32)."""
     import gguf
     tensors = {t.name: t for t in _parse(path).reader.tensors}
 
     def get(name: str) -> np.ndarray:
       t = tensors[name]
-      try:
-        if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-          return np.asarray(t.data).reshape(tuple(int(n) for n in reversed(t.shape)))
-        if t.tensor_type.name.startswith("I"):
-          raise NotImplementedError
-        return gguf.quants.dequantize(t.data, t.tensor_type)
-      except NotImplementedError:
-        raise UserError(f"{path}: tensor {name} has unsupported GGUF type {t.tensor_type.name}") from None
+      kind = t.tensor_type.name
+      if kind not in TENSOR_TYPES:
+        raise UserError(f"{path}: tensor {name} has unsupported GGUF type {kind} "
+                        f"(supported: {', '.join(TENSOR_TYPES)})")
+      if kind in ("F32", "F16"):
+        return np.asarray(t.data).reshape(tuple(int(n) for n in reversed(t.shape)))
+      return gguf.quants.dequantize(t.data, t.tensor_type)
 
     return get
 
@@ -108,6 +109,6 @@ def _parse_file(path: str, mtime_ns: int, size: int) -> _Parsed:
   import gguf
   try:
     reader = gguf.GGUFReader(path)
-  except Exception as e:  # The reader raises ValueError/struct errors/IndexError on corrupt files.
-    raise UserError(f"{path}: unreadable GGUF file ({type(e).__name__}: {first_line(e)})") from None
+  except Exception as e:  # A file cut short or corrupt fails the reader's views (ValueError/struct error/IndexError).
+    raise UserError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {first_line(e)})") from None
   return _Parsed(reader, {name: field.contents() for name, field in reader.fields.items()})

@@ -1,4 +1,5 @@
-"""Rotary position embeddings (RoPE) in Hugging Face's rotate-half layout, with linear or llama3 scaling.
+"""Rotary position embeddings (RoPE) in Hugging Face's rotate-half layout, with linear, llama3 or per-frequency
+(a GGUF's rope_freqs) scaling.
 
 Frequency i rotates the pair (i, i + K/2) of a head, not the adjacent pair (2i, 2i + 1) of Meta's original code.
 llama.cpp's GGUF files store Q and K rows permuted to the adjacent layout; the GGUF import undoes that.
@@ -12,7 +13,7 @@ from llama_hk.config import LlamaConfig
 
 
 def rope_frequencies(config: LlamaConfig) -> np.ndarray:
-  """Inverse frequencies (K/2,), computed in float32 as transformers does, with linear or llama3 scaling."""
+  """Inverse frequencies (K/2,), computed in float32 as transformers does, with the config's scaling."""
   k = config.head_dim
   inv_freq = (1.0 / (np.float32(config.rope_theta) ** (np.arange(0, k, 2, dtype=np.float32) / np.float32(k))))
   inv_freq = inv_freq.astype(np.float32)  # (K/2,)
@@ -28,6 +29,8 @@ def rope_frequencies(config: LlamaConfig) -> np.ndarray:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
     inv_freq = np.where(is_medium, smoothed, scaled).astype(np.float32)
+  if config.rope_freq_factors is not None:  # llama.cpp divides each frequency by its factor.
+    inv_freq = (inv_freq / np.asarray(config.rope_freq_factors, np.float32)).astype(np.float32)  # (K/2,)
   return inv_freq
 
 

@@ -1,0 +1,283 @@
+"""GGUF import against independent references: files written by llama.cpp's own converter from random HF checkpoints
+give transformers' GGUF loader's logits (the HF original's where the file has rope_freqs) and AutoTokenizer's ids;
+quantized tensors dequantize as gguf-py does; bad files are one-line errors."""
+
+import json
+import os
+import re
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from llama_hk import checkpoints
+from llama_hk.checkpoints import gguf as gguf_format
+from llama_hk.errors import UserError
+from llama_hk.models import make_forward
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LLAMA_CPP = REPO.parent / "shared" / "tools" / "llama.cpp"
+TEXTS = ["KING HENRY.\nOnce more unto the breach, dear friends, once more;",
+         "  Or close the wall up with our English dead!",
+         "In 1599, 42 actors — ¿qué? café 東京 don't they'll", "\n\nWhat's\tthis?  Éte\u0301 123456789 x"]
+TOKENS = np.random.default_rng(0).integers(3, 1000, size=(2, 48))  # (B, T), ids below every vocabulary's size.
+# SmolLM2's own tokenizer.json pre-tokenizer (digits one by one, then GPT-2's byte-level split); transformers' GGUF
+# loader, which made the fixture's copy, leaves the digits out.
+SMOLLM2_PRE = {"type": "Sequence", "pretokenizers": [
+    {"type": "Digits", "individual_digits": True},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+
+
+def llama_cpp_convert(hf_dir: pathlib.Path, out: pathlib.Path, outtype: str) -> pathlib.Path:
+  """llama.cpp's convert_hf_to_gguf.py run on the HF directory."""
+  env = dict(os.environ, PYTHONPATH=f"{LLAMA_CPP / 'gguf-py'}:{LLAMA_CPP}")
+  proc = subprocess.run([sys.executable, str(LLAMA_CPP / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(out),
+                         "--outtype", outtype], env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return out
+
+
+def our_logits(path: pathlib.Path) -> np.ndarray:
+  ckpt = checkpoints.load(path)
+  logits, _ = make_forward(ckpt.config).apply(ckpt.params, jnp.asarray(TOKENS))  # (B, T, V)
+  return np.asarray(logits)
+
+
+def hf_logits(model) -> np.ndarray:
+  with torch.no_grad():
+    return model(torch.from_numpy(TOKENS)).logits.numpy()  # (B, T, V)
+
+
+def transformers_gguf_logits(path: pathlib.Path) -> np.ndarray:
+  model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+  return hf_logits(model.eval())
+
+
+def assert_one_line_error(excinfo, *fragments: str) -> None:
+  """A UserError whose message is one line naming what is wrong (local until tests/harness.py has one)."""
+  message = str(excinfo.value)
+  assert "\n" not in message and all(f in message for f in fragments), message
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_hf_model, shakespeare_tokenizer_dir, smollm2_hf_dir, tmp_path_factory):
+  """Random HF checkpoints and llama.cpp's GGUF files of them: name -> (HF dir, HF model, {outtype: gguf path})."""
+  root = tmp_path_factory.mktemp("gguf_import")
+  spm = tiny_hf_model(seed=1, vocab_size=2000, num_attention_heads=4, num_key_value_heads=2, random_norms=True)
+  llama3 = tiny_hf_model(seed=2, vocab_size=2000, hidden_size=128, num_attention_heads=4, num_key_value_heads=1,
+                         rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                                              high_freq_factor=4.0, original_max_position_embeddings=64))
+  bpe = tiny_hf_model(seed=3, vocab_size=49152, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+  plan = {"spm": (spm, shakespeare_tokenizer_dir, ("f32", "bf16", "q8_0")),
+          "llama3": (llama3, shakespeare_tokenizer_dir, ("f32",)),
+          "smollm": (bpe, smollm2_hf_dir, ("f16",))}
+  out = {}
+  for name, (model, tokenizer_dir, outtypes) in plan.items():
+    hf_dir = root / name
+    model.save_pretrained(hf_dir)
+    for file in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+      if (tokenizer_dir / file).is_file():
+        shutil.copy(tokenizer_dir / file, hf_dir / file)
+    if name == "smollm":
+      tokenizer = json.loads((hf_dir / "tokenizer.json").read_text())
+      (hf_dir / "tokenizer.json").write_text(json.dumps({**tokenizer, "pre_tokenizer": SMOLLM2_PRE}))
+    out[name] = (hf_dir, model, {t: llama_cpp_convert(hf_dir, root / f"{name}_{t}.gguf", t) for t in outtypes})
+  return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,outtype", [("spm", "f32"), ("spm", "bf16"), ("spm", "q8_0"), ("smollm", "f16")])
+def test_llama_cpp_files_give_transformers_gguf_logits(converted, name, outtype):
+  """GQA, untied (spm) and tied (smollm) checkpoints in each outtype: our logits are transformers' GGUF loader's on
+  the same file."""
+  _, model, files = converted[name]
+  ours, reference = our_logits(files[outtype]), transformers_gguf_logits(files[outtype])
+  assert np.abs(ours - reference).max() <= 1e-4
+  if outtype == "f32":  # And the file is the model: the HF original's logits too.
+    assert np.abs(ours - hf_logits(model)).max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_rope_freqs_apply_as_llama3_scaling(converted):
+  """llama.cpp writes llama3 RoPE scaling as rope_freqs.weight, which transformers' GGUF loader ignores: the factors
+  land in LlamaConfig.rope_freq_factors and the logits are the HF original's (llama3 rope, f32)."""
+  _, model, files = converted["llama3"]
+  ckpt = checkpoints.load(files["f32"])
+  factors = np.asarray(ckpt.config.rope_freq_factors)
+  assert ckpt.config.rope_scaling == "none" and factors.shape == (16,) and factors[0] == 1 and factors[-1] == 8
+  ours, original = our_logits(files["f32"]), hf_logits(model)
+  assert np.abs(ours - original).max() <= 1e-4
+  # Without the factors the logits are visibly off: the test sees the rope.
+  plain = make_forward(ckpt.config.replace(rope_freq_factors=None)).apply(ckpt.params, jnp.asarray(TOKENS))[0]
+  assert np.abs(np.asarray(plain) - original).max() > 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["spm", "smollm"])
+def test_tokenizer_ids_equal_autotokenizer_on_the_original(converted, shakespeare_dir, name):
+  """Sentencepiece (byte fallback, dummy prefix, BOS) and SmolLM2's BPE (pre = smollm) vocabularies rebuilt from the
+  file encode Shakespeare as AutoTokenizer on the HF original does."""
+  hf_dir, _, files = converted[name]
+  path = next(iter(files.values()))
+  tok = gguf_format.GgufFile().tokenizer(path)
+  reference = transformers.AutoTokenizer.from_pretrained(hf_dir)
+  play = sorted(pathlib.Path(shakespeare_dir).rglob("*"))
+  texts = TEXTS + [p.read_text(errors="ignore")[:3000] for p in play if p.is_file() and p.suffix in (".txt", "")][:2]
+  for text in texts:
+    assert tok.encode(text) == reference(text).input_ids, text
+    assert tok.decode(tok.encode(text, add_bos=False)) == reference.decode(reference(text, add_special_tokens=False)
+                                                                              .input_ids)
+  if name == "spm":  # Byte fallback pieces are used for the characters outside the 2000 pieces.
+    assert any(tok.token_bytes(i).startswith(b"\xe6") for i in tok.encode("東京"))
+
+
+# K-quants and the legacy block types, written with gguf-py (llama.cpp's quantizer is not used): gguf.quants quantizes
+# the legacy types; K-type blocks are random bytes with finite fp16 scales. Each type's fp16 scale offsets in its block
+# and their size, chosen so that weights stay around 0.05.
+K_SCALES = {"Q2_K": ((80, 82), 4e-3), "Q3_K": ((108,), 1.25e-3), "Q4_K": ((0, 2), 2e-4), "Q5_K": ((0, 2), 1e-4),
+            "Q6_K": ((208,), 5e-5)}
+LAYER_TYPES = [("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1"),
+               ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "Q4_1")]
+MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def quantized(array: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, object]:
+  """`array` (or random K-type blocks of its shape) as raw GGUF bytes (rows, bytes per row) of type `kind`."""
+  qtype = gguf.GGMLQuantizationType[kind]
+  if kind not in K_SCALES:
+    return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
+  block, size = gguf.GGML_QUANT_SIZES[qtype]
+  blocks = rng.integers(0, 256, size=(array.size // block, size), dtype=np.uint8)
+  offsets, scale = K_SCALES[kind]
+  for offset in offsets:
+    blocks[:, offset:offset + 2] = (rng.uniform(0.5, 1.5, (len(blocks), 1)) * scale).astype(np.float16).view(np.uint8)
+  return blocks.reshape(array.shape[0], -1), qtype
+
+
+def write_quantized(path, model, write_tiny_gguf, types: dict[str, str]) -> None:
+  rng = np.random.default_rng(7)
+  write_tiny_gguf(path, model, encode=lambda name, array: quantized(array, types[name], rng) if name in types else None)
+
+
+@pytest.fixture(scope="module")
+def kquant_model(tiny_hf_model):
+  return tiny_hf_model(seed=4, weight_std=0.06, vocab_size=1024, hidden_size=256, intermediate_size=256,
+                       num_attention_heads=4, num_key_value_heads=2)
+
+
+def test_every_tensor_type_dequantizes_as_gguf_py(kquant_model, write_tiny_gguf, tmp_path):
+  """F16, BF16 and all eleven block types load bitwise as gguf-py's gguf.quants.dequantize gives them, in the
+  tensor's (rows, columns) shape, and as transformers' own dequantizer does for the block types it reads (all but
+  Q5_0/Q5_1)."""
+  from transformers.integrations.gguf import dequant
+  kinds = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+  names = [f"blk.{i}.{m}.weight" for i in range(2) for m in MATRICES]
+  types = dict(zip(names, kinds))
+  path = tmp_path / "all_types.gguf"
+  write_quantized(path, kquant_model, write_tiny_gguf, types)
+  get = gguf_format.GgufFile().tensors(path)
+  for t in gguf.GGUFReader(path).tensors:
+    if t.name in types:
+      assert t.tensor_type.name == types[t.name]
+      expected = gguf.quants.dequantize(t.data, t.tensor_type)
+      got = get(t.name)
+      assert got.shape == tuple(int(n) for n in reversed(t.shape)) and np.isfinite(got).all(), t.name
+      np.testing.assert_array_equal(got.astype(np.float32), expected.astype(np.float32), err_msg=t.name)
+      if t.tensor_type in dequant.GGML_NAME:
+        independent = dequant.dequantize(torch.from_numpy(np.asarray(t.data).reshape(-1).copy()), int(t.tensor_type))
+        np.testing.assert_array_equal(got.reshape(-1), independent.numpy(), err_msg=t.name)
+      assert 0.005 < np.std(got) < 1, (t.name, np.std(got))
+
+
+def test_k_quant_model_gives_transformers_gguf_logits(kquant_model, write_tiny_gguf, tmp_path):
+  """A model whose fourteen matrices are Q2_K..Q6_K, Q4_0, Q4_1 and Q8_0: logits equal transformers' GGUF loader's
+  (its own dequantization) on the same file."""
+  types = {f"blk.{i}.{m}.weight": kind for i, kinds in enumerate(LAYER_TYPES) for m, kind in zip(MATRICES, kinds)}
+  path = tmp_path / "kquant.gguf"
+  write_quantized(path, kquant_model, write_tiny_gguf, types)
+  ours, reference = our_logits(path), transformers_gguf_logits(path)
+  assert np.abs(reference).max() > 1 and np.abs(ours - reference).max() <= 1e-4
+
+
+SPLIT_TEXT = "Hello's WORLD'LL 12345 x+=1;\n\n  ça  va?\r\n"
+
+
+def pre_tokenizer(tok):
+  """The pre-tokenizer of the tokenizer.json that the import rebuilt."""
+  import tokenizers
+  return tokenizers.Tokenizer.from_str(tok.files["tokenizer.json"].decode()).pre_tokenizer
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
+def test_bpe_pre_tokenizers_split_as_transformers_gguf(pre, tiny_hf_model, write_tiny_gguf, tmp_path):
+  """tokenizer.ggml.pre = llama-bpe / qwen2: the text splits into transformers' GGUF tokenizer's pieces and ids."""
+  path = tmp_path / f"{pre}.gguf"
+  write_tiny_gguf(path, tiny_hf_model(vocab_size=288), pre=pre)
+  ours = gguf_format.GgufFile().tokenizer(path)
+  reference = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+  pieces = pre_tokenizer(ours).pre_tokenize_str(SPLIT_TEXT)
+  assert pieces == reference.backend_tokenizer.pre_tokenizer.pre_tokenize_str(SPLIT_TEXT)
+  assert ("Ġ12345" in [p for p, _ in pieces]) is False  # Digits split off (three or one at a time).
+  assert ours.encode(SPLIT_TEXT) == reference(SPLIT_TEXT).input_ids
+
+
+def test_default_and_absent_pre_tokenizers(tiny_hf_model, write_tiny_gguf, tmp_path):
+  """pre = default runs llama.cpp's four default regexes in turn (punctuation runs, GPT-2's split, digit runs, then
+  digit triples); a file without `pre` keeps GPT-2's byte-level split."""
+  pieces = {}
+  for pre in ("default", None):
+    path = tmp_path / f"{pre}.gguf"
+    write_tiny_gguf(path, tiny_hf_model(vocab_size=288), pre=pre)
+    tok = gguf_format.GgufFile().tokenizer(path)
+    pieces[pre] = [p for p, _ in pre_tokenizer(tok).pre_tokenize_str("x+=12345 it's")]
+  assert pieces["default"] == ["x", "+=", "123", "45", "Ġit", "'", "s"]
+  assert pieces[None] == ["x", "+=", "12345", "Ġit", "'s"]
+
+
+@pytest.fixture(scope="module")
+def bad_files(tiny_hf_model, write_tiny_gguf, tmp_path_factory) -> dict[str, pathlib.Path]:
+  root = tmp_path_factory.mktemp("bad_gguf")
+  model = tiny_hf_model(vocab_size=288)
+  paths = {name: root / f"{name}.gguf" for name in ("arch", "pre", "type", "good", "truncated")}
+  write_tiny_gguf(paths["arch"], model, arch="qwen3")
+  write_tiny_gguf(paths["pre"], model, pre="no-such-pre")
+  write_tiny_gguf(paths["type"], model, {"blk.0.ffn_up.weight": gguf.GGMLQuantizationType.IQ4_NL})
+  write_tiny_gguf(paths["good"], model)
+  paths["truncated"].write_bytes(paths["good"].read_bytes()[:-1000])
+  return paths
+
+
+BAD_GGUF = {
+    "arch": r"GGUF architecture is 'qwen3', only 'llama' is supported",
+    "pre": r"GGUF pre-tokenizer tokenizer\.ggml\.pre='no-such-pre' is not supported",
+    "type": r"tensor blk\.0\.ffn_up\.weight has unsupported GGUF type IQ4_NL",  # gguf-py could dequantize it.
+    "truncated": r"truncated or corrupt GGUF file",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GGUF))
+def test_bad_gguf_is_a_one_line_error_and_writes_nothing(case, bad_files, tmp_path):
+  with pytest.raises(UserError) as excinfo:
+    checkpoints.convert(bad_files[case], tmp_path / "converted")
+  assert_one_line_error(excinfo, str(bad_files[case]))
+  assert re.search(BAD_GGUF[case], str(excinfo.value)), str(excinfo.value)
+  assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_bin_convert_rejects_truncated_gguf(bad_files, tmp_path):
+  """The binary too: exit 1, one `error:` line naming the file, no output directory."""
+  proc = subprocess.run([sys.executable, str(REPO / "bin" / "convert"), f"--input={bad_files['truncated']}",
+                         f"--output={tmp_path / 'converted'}"], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+  lines = proc.stderr.splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and str(bad_files["truncated"]) in lines[0], proc.stderr
+  assert re.search(BAD_GGUF["truncated"], lines[0]) and list(tmp_path.iterdir()) == []
