@@ -95,6 +95,7 @@ def test_logits_match_transformers_padded_and_packed(family, impl):
   assert np.abs(without[1] - expected_batch[1]).max() > 0.05
 
 
+@pytest.mark.slow
 def test_greedy_generation_past_the_window_matches_transformers(family):
   """Batched prompts (one longer than the window), 32 cached greedy tokens each: transformers' ids one by one."""
   _, hf, config, params = family
@@ -166,7 +167,7 @@ def test_window_none_adds_nothing_to_the_llama_program():
   """A Mistral config without a window traces to exactly the LLaMA jaxpr (the window adds ops only when set)."""
   llama = LlamaConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=32)
   tokens = np.zeros((1, 8), np.int32)
-  params = make_forward(llama).init(jax.random.key(0), tokens)
+  params = jax.eval_shape(make_forward(llama).init, jax.random.key(0), tokens)
 
   def jaxpr(config):
     return str(jax.make_jaxpr(lambda p: make_forward(config).apply(p, tokens))(params))

@@ -21,7 +21,9 @@ With a LoRA adapter (`make_forward(config, lora=...)`), each targeted matrix has
 same names.
 
 Every product of weights and activations goes through `ops.dense.dense`, every attention through
-`ops.attention.attend` (`config.attention_impl` without a cache, the cached kernels with one).
+`ops.attention.attend` (`config.attention_impl` without a cache, the cached kernels with one), under the one mask
+`ops.attention.attention_mask`, which carries Mistral's sliding window; Qwen2's q/k/v biases are added in
+`Attention._project`.
 
 Numerics: parameters are stored in `param_dtype` (int8: the matrix weights and embedding int8 with float32 scales,
 the rest float32; ops.dense) and cast to `compute_dtype` where used; RMSNorm statistics,
