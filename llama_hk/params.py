@@ -232,6 +232,12 @@ def unpermute_gguf_rows(array: np.ndarray, heads: int) -> np.ndarray:
   return array.reshape(heads, rows // heads // 2, 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
 
 
+def gguf_permutes_qk(config: LlamaConfig) -> bool:
+  """Whether llama.cpp stores this family's Q and K rows permuted: for its `llama` architecture (LLaMA, Mistral),
+  not for `qwen2`."""
+  return config.family != "qwen2"
+
+
 def permute_gguf_rows(array: np.ndarray, heads: int) -> np.ndarray:
   """llama.cpp's Q/K row permutation (rotate-half -> adjacent pairs) of a (heads*K, D) weight, as GGUF stores it."""
   rows = array.shape[0]
@@ -323,7 +329,7 @@ def iter_params(get: Callable[[str], np.ndarray], config: LlamaConfig, naming: s
       if array.shape != p.hf_shape(config):
         raise UserError(f"{source}: tensor {name} has shape {tuple(array.shape)}, the config implies "
                         f"{p.hf_shape(config)}")
-      if naming == "gguf" and p.gguf_heads:
+      if naming == "gguf" and p.gguf_heads and gguf_permutes_qk(config):
         array = unpermute_gguf_rows(np.asarray(array), getattr(config, p.gguf_heads))
       converted = p.to_ours(np.asarray(array), config)
       del array  # The read buffer goes before the device copy is made: one tensor less at the peak.

@@ -101,10 +101,12 @@ def _with_tokenizer(model, tokenizer_dir, directory):
 
 def test_qwen2_exports_as_qwen2_and_loads_in_transformers(tiny_hf_model, sentencepiece_dir, tmp_path):
   """A Qwen2 model (q/k/v biases, HF's Q/K rows) exports as architecture qwen2; transformers' GGUF loader builds a
-  Qwen2ForCausalLM from it with the original's logits <= 1e-4."""
+  Qwen2ForCausalLM from it, and our GGUF reader a qwen2 model, each with the original's logits <= 1e-4."""
+  import jax
   import torch
   import transformers
   from llama_hk import checkpoints
+  from llama_hk.models import make_forward
 
   model = tiny_hf_model(seed=3, family="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,
                         pad_token_id=None)
@@ -115,8 +117,13 @@ def test_qwen2_exports_as_qwen2_and_loads_in_transformers(tiny_hf_model, sentenc
                                                              dtype=torch.float32)
   tokens = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
   with torch.no_grad():
-    np.testing.assert_allclose(loaded(tokens).logits.numpy(), model(tokens).logits.numpy(), atol=1e-4, rtol=0)
+    expected = model(tokens).logits.numpy()
+    np.testing.assert_allclose(loaded(tokens).logits.numpy(), expected, atol=1e-4, rtol=0)
   assert type(loaded).__name__ == "Qwen2ForCausalLM"
+  ckpt = checkpoints.load(tmp_path / "out" / "Tiny.gguf")  # Our reader: the qwen2 architecture, its rows as stored.
+  assert ckpt.config.family == "qwen2"
+  logits, _ = jax.jit(make_forward(ckpt.config).apply)(ckpt.params, tokens.numpy())
+  np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
 
 
 def test_sentencepiece_llama3_export_equals_llama_cpp_converter(tiny_hf_model, sentencepiece_dir, tmp_path):

@@ -256,7 +256,7 @@ def bad_files(tiny_hf_model, write_tiny_gguf, tmp_path_factory) -> dict[str, pat
 
 
 BAD_GGUF = {
-    "arch": r"GGUF architecture is 'qwen3', only 'llama' is supported",
+    "arch": r"GGUF architecture is 'qwen3', supported: llama, qwen2",
     "pre": r"GGUF pre-tokenizer tokenizer\.ggml\.pre='no-such-pre' is not supported",
     "type": r"tensor blk\.0\.ffn_up\.weight has unsupported GGUF type IQ4_NL",  # gguf-py could dequantize it.
     "truncated": r"truncated or corrupt GGUF file",

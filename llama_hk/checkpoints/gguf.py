@@ -20,6 +20,9 @@ from llama_hk.tokenizers.tokenizer import Tokenizer
 
 MAGIC = b"GGUF"
 # The tensor types read (the quantized ones dequantized by gguf-py's gguf.quants); any other is refused by name.
+# GGUF architecture -> family. llama.cpp writes Mistral as `llama`, without its sliding window.
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+DEQUANTIZE_CHUNK = 1 << 22
 TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
@@ -42,29 +45,30 @@ class GgufFile:
     reader, meta = _parse(path)
     source = str(path)
     arch = meta.get("general.architecture")
-    if arch != "llama":
-      raise UserError(f"{source}: GGUF architecture is {arch!r}, only 'llama' is supported")
+    if arch not in ARCHITECTURES:
+      raise UserError(f"{source}: GGUF architecture is {arch!r}, supported: {', '.join(ARCHITECTURES)}")
     names = {t.name for t in reader.tensors}
     try:
-      d_model = int(meta["llama.embedding_length"])
-      num_heads = int(meta["llama.attention.head_count"])
-      vocab = meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"])
-      scaling = meta.get("llama.rope.scaling.type", "none")
+      d_model = int(meta[f"{arch}.embedding_length"])
+      num_heads = int(meta[f"{arch}.attention.head_count"])
+      vocab = meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
+      scaling = meta.get(f"{arch}.rope.scaling.type", "none")
       return LlamaConfig(
           vocab_size=int(vocab),
           d_model=d_model,
-          num_layers=int(meta["llama.block_count"]),
+          num_layers=int(meta[f"{arch}.block_count"]),
           num_heads=num_heads,
-          num_kv_heads=int(meta.get("llama.attention.head_count_kv", num_heads)),
-          head_dim=int(meta.get("llama.attention.key_length", d_model // num_heads)),
-          d_ff=int(meta["llama.feed_forward_length"]),
-          norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-          rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+          num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", num_heads)),
+          head_dim=int(meta.get(f"{arch}.attention.key_length", d_model // num_heads)),
+          d_ff=int(meta[f"{arch}.feed_forward_length"]),
+          norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+          rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
           rope_scaling="none" if scaling in ("none", None) else scaling,
-          rope_scaling_factor=float(meta.get("llama.rope.scaling.factor", 1.0)),
+          rope_scaling_factor=float(meta.get(f"{arch}.rope.scaling.factor", 1.0)),
           tie_embeddings="output.weight" not in names,
-          max_seq_len=int(meta.get("llama.context_length", 2048)),
+          max_seq_len=int(meta.get(f"{arch}.context_length", 2048)),
           param_dtype="float32",
+          family=ARCHITECTURES[arch],
           rope_freq_factors=(tuple(self.tensors(path)("rope_freqs.weight").reshape(-1).tolist())
                              if "rope_freqs.weight" in names else None),
       )
@@ -87,7 +91,14 @@ class GgufFile:
                         f"(supported: {', '.join(TENSOR_TYPES)})")
       if kind in ("F32", "F16"):
         return np.asarray(t.data).reshape(tuple(int(n) for n in reversed(t.shape)))
-      return gguf.quants.dequantize(t.data, t.tensor_type)
+      if t.data.ndim == 1:
+        return gguf.quants.dequantize(t.data, t.tensor_type)
+      # Row blocks of about DEQUANTIZE_CHUNK values: gguf-py's temporaries stay small beside the float32 result.
+      out = np.empty(tuple(int(n) for n in reversed(t.shape)), np.float32)  # (rows, cols)
+      step = max(1, DEQUANTIZE_CHUNK // out.shape[-1])
+      for start in range(0, len(out), step):
+        out[start:start + step] = gguf.quants.dequantize(t.data[start:start + step], t.tensor_type)
+      return out
 
     return get
 

@@ -95,7 +95,7 @@ def _tensors(tree, config: LlamaConfig) -> list[tuple[str, tuple[int, ...], obje
     out.append(("rope_freqs.weight", factors.shape, lambda: factors.astype(np.float32)))
   for hf_name, shape, make in sorted(params.hf_tensors(tree, config), key=lambda t: t[0]):
     row, layer = _row_of(hf_name, gguf_names)
-    if row.gguf_heads and architecture(config) == "llama":  # llama.cpp's qwen2 keeps HF's Q/K rows.
+    if row.gguf_heads and params.gguf_permutes_qk(config):
       make = (lambda make=make, heads=getattr(config, row.gguf_heads): params.permute_gguf_rows(make(), heads))
     out.append((row.gguf.format(i=layer), tuple(shape), make))
   return out
