@@ -4,7 +4,7 @@ SmolLM2-135M (float32) and one multiple-choice task of at least 200 log-likeliho
 Target (from issue 13): ours >= 2x faster. The task is written here over local JSONL (no hub): each document is
 the start of a line of Shakespeare, its choices that line's true ending and three endings of other lines. Both
 backends get the same --batch_size (rows a forward pass: the hf backend's hold a request each, ours as many as fit
-in 128 tokens) and run the same `simple_evaluate`; ours is timed cold (compiles included, a fresh compilation
+in 64 tokens) and run the same `simple_evaluate`; ours is timed cold (compiles included, a fresh compilation
 cache), then both warm, best of --rounds runs taken in turn. Their accuracies and every request's log-likelihood
 are compared too, so the figures are of the same work. Prints the CPU model and the load average before and after:
 a run beside other jobs is contaminated (torch's threads suffer most).

@@ -40,7 +40,7 @@ from llama_hk.tokenizers.tokenizer import Tokenizer
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_GEN_TOKS = 256  # The `hf` backend's.
-PACK_TOKENS = 128  # The shortest row: requests shorter than this share rows.
+PACK_TOKENS = 64  # The shortest row: requests shorter than this share rows.
 
 
 @functools.lru_cache(maxsize=None)
