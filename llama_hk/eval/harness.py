@@ -71,8 +71,8 @@ class LlamaHkLM(TemplateLM):
   def __init__(self, config: LlamaConfig, params, tokenizer: Tokenizer, *, mesh=None, lora: LoraConfig | None = None,
                batch_size: int | None = None, max_length: int | None = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
                add_bos_token: bool | None = None, prefix_token_id: int | None = None, seed: int = 0):
-    """batch_size: requests per forward pass (default 8), rounded up to a multiple of the mesh's data x fsdp size;
-    the others as the `hf` backend's arguments of those names."""
+    """batch_size: rows per forward pass (default 8; short requests share rows), rounded up to a multiple of the
+    mesh's data x fsdp size; the others as the `hf` backend's arguments of those names."""
     super().__init__()
     shards = sharding.batch_multiple(mesh)
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
