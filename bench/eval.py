@@ -3,9 +3,11 @@ SmolLM2-135M (float32) and one multiple-choice task of at least 200 log-likeliho
 
 Target (from issue 13): ours >= 2x faster. The task is written here over local JSONL (no hub): each document is
 the start of a line of Shakespeare, its choices that line's true ending and three endings of other lines. Both
-backends get the same batch size and run the same `simple_evaluate`; ours is timed cold (compiles included, a
-fresh compilation cache), then both warm, best of --rounds runs taken in turn. Their accuracies and
-every request's log-likelihood are compared too, so the figures are of the same work.
+backends get the same --batch_size (rows a forward pass: the hf backend's hold a request each, ours as many as fit
+in 64 tokens) and run the same `simple_evaluate`; ours is timed cold (compiles included, a fresh compilation
+cache), then both warm, best of --rounds runs taken in turn. Their accuracies and every request's log-likelihood
+are compared too, so the figures are of the same work. Prints the CPU model and the load average before and after:
+a run beside other jobs is contaminated (torch's threads suffer most).
 
   python bench/eval.py [--docs=60] [--batch_size=8] [--rounds=2] [--output_json=FILE]
 """
@@ -27,7 +29,9 @@ PLAYS = REPO.parent / "shared" / "data" / "shakespeare"
 CHOICES = 4
 
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
 from reference import smollm2_hf_dir  # noqa: E402  The tests' float32 HF copy of the GGUF.
+from weights import cpu_model  # noqa: E402
 
 
 def write_task(directory: pathlib.Path, docs: int) -> None:
@@ -89,6 +93,7 @@ def main():
   def run(lm):
     return harness.evaluate(lm, ["bench_mc"], manager, log_samples=True)
 
+  load_before = os.getloadavg()
   ours_result, ours_cold = timed(lambda: run(ours))
   hf_result = run(theirs)  # Warm-up.
   ours_times, hf_times = [], []
@@ -96,11 +101,13 @@ def main():
     ours_times.append(timed(lambda: run(ours))[1])
     hf_times.append(timed(lambda: run(theirs))[1])
   ours_warm, hf_warm = min(ours_times), min(hf_times)
+  load_after = os.getloadavg()
 
   pairs = [(a["resps"], b["resps"]) for a, b in zip(ours_result["samples"]["bench_mc"],
                                                      hf_result["samples"]["bench_mc"])]
   diffs = [abs(x[0][0] - y[0][0]) for a, b in pairs for x, y in zip(a, b)]
   figures = {
+      "cpu": cpu_model(), "load_average": [round(load_before[0], 2), round(load_after[0], 2)],
       "requests": len(diffs), "batch_size": args.batch_size, "cpu_threads": torch.get_num_threads(),
       "ours_cold_s": round(ours_cold, 2), "ours_warm_s": round(ours_warm, 2), "hf_warm_s": round(hf_warm, 2),
       "speedup_warm": round(hf_warm / ours_warm, 2), "speedup_cold": round(hf_warm / ours_cold, 2),

@@ -1,115 +1,17 @@
-"""The lm-evaluation-harness model `llama_hk` against the harness's own `hf` backend on the same weights.
-
-Tasks are written here: YAML under a temporary include path over local JSONL (no hub), one of each request
-kind: multiple choice by log-likelihood (acc, acc_norm), rolling perplexity (word and byte perplexity, bits per
-byte) and free generation (exact_match).
-"""
+"""The lm-evaluation-harness model `llama_hk` against the harness's own `hf` backend on the same weights, on the
+tests' tasks (tests/eval_tasks.py: multiple choice, rolling perplexity, free generation, over local JSONL)."""
 
 import json
-import os
 import pathlib
 import shutil
-import socket
-import subprocess
 import sys
-import textwrap
 
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import pytest
+from eval_tasks import GEN, MC_TEST, ROLLING, TASKS, write_tasks
+from harness import REPO, devices, run_children, run_group
 
-import pytest  # noqa: E402
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TASKS = ("hk_mc", "hk_rolling", "hk_gen")
 MAX_LENGTH = 32  # The tiny model's positions: few-shot contexts, rolling texts and prompts are cut to fit.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-
-MC_TRAIN = [
-    {"question": "The sky on a clear day is", "choices": [" blue", " green", " loud"], "label": 0},
-    {"question": "Two and two make", "choices": [" four", " seven", " a horse"], "label": 0},
-]
-MC_TEST = [
-    {"question": "Water freezes into", "choices": [" ice", " fire", " paper", " song"], "label": 0},
-    {"question": "A cat says", "choices": [" meow", " moo"], "label": 0},
-    {"question": "The opposite of day is", "choices": [" noon", " night", " Tuesday"], "label": 1},
-    {"question": "Shakespeare wrote", "choices": [" Hamlet", " the telephone book", " nothing at all"], "label": 0},
-    {"question": "Friends, Romans,", "choices": [" countrymen", " lend me your ears"], "label": 0},
-    {"question": "Bees make", "choices": [" honey", " steel", " thunder"], "label": 0},
-]
-ROLLING = [
-    {"text": "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him. "
-             "The evil that men do lives after them; the good is oft interred with their bones; so let it be "
-             "with Caesar. The noble Brutus hath told you Caesar was ambitious: if it were so, it was a "
-             "grievous fault, and grievously hath Caesar answer'd it."},
-    {"text": "To be, or not to be: that is the question."},
-    {"text": "All the world's a stage, and all the men and women merely players: they have their exits and "
-             "their entrances; and one man in his time plays many parts, his acts being seven ages."},
-]
-GEN = [
-    {"prompt": "Q: What is the capital of France?\nA:", "answer": " Paris"},
-    {"prompt": "Q: Two plus two?\nA:", "answer": " four"},
-    {"prompt": "Once upon a time", "answer": " there"},
-    {"prompt": "The quick brown fox", "answer": " jumps"},
-    {"prompt": "Romeo, Romeo, wherefore art thou", "answer": " Romeo"},
-]
-
-
-def _jsonl(path: pathlib.Path, rows) -> str:
-  path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-  return str(path)
-
-
-def write_tasks(directory: pathlib.Path) -> pathlib.Path:
-  """The three test tasks as YAML over local JSONL in `directory`, which becomes an --include_path."""
-  directory.mkdir(parents=True, exist_ok=True)
-  mc_train, mc_test = _jsonl(directory / "mc_train.jsonl", MC_TRAIN), _jsonl(directory / "mc_test.jsonl", MC_TEST)
-  rolling, gen = _jsonl(directory / "rolling.jsonl", ROLLING), _jsonl(directory / "gen.jsonl", GEN)
-  (directory / "hk_mc.yaml").write_text(textwrap.dedent(f"""\
-      task: hk_mc
-      dataset_path: json
-      dataset_kwargs:
-        data_files: {{train: "{mc_train}", test: "{mc_test}"}}
-      training_split: train
-      test_split: test
-      output_type: multiple_choice
-      doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-      doc_to_choice: choices
-      doc_to_target: label
-      metric_list:
-        - metric: acc
-        - metric: acc_norm
-      """))
-  (directory / "hk_rolling.yaml").write_text(textwrap.dedent(f"""\
-      task: hk_rolling
-      dataset_path: json
-      dataset_kwargs:
-        data_files: {{test: "{rolling}"}}
-      test_split: test
-      output_type: loglikelihood_rolling
-      doc_to_text: ""
-      doc_to_target: "{{{{text}}}}"
-      metric_list:
-        - metric: word_perplexity
-        - metric: byte_perplexity
-        - metric: bits_per_byte
-      """))
-  (directory / "hk_gen.yaml").write_text(textwrap.dedent(f"""\
-      task: hk_gen
-      dataset_path: json
-      dataset_kwargs:
-        data_files: {{test: "{gen}"}}
-      test_split: test
-      output_type: generate_until
-      doc_to_text: "{{{{prompt}}}}"
-      doc_to_target: "{{{{answer}}}}"
-      generation_kwargs:
-        until: ["\\n", "."]
-        max_gen_toks: 8
-        do_sample: false
-      metric_list:
-        - metric: exact_match
-      """))
-  return directory
 
 
 @pytest.fixture(scope="module")
@@ -134,17 +36,23 @@ def tiny_dir(tiny_hf_model, smollm2_hf_dir, tmp_path_factory) -> pathlib.Path:
   return directory
 
 
-def hf_results(model_dir, manager, **kwargs) -> dict:
-  """The harness's `hf` backend on the HF directory (batch size 1: no padding to move its numbers)."""
-  import lm_eval
+def hf_lm(model_dir):
+  """The harness's `hf` backend on the HF directory (batch size 1: no padding to move its numbers), its
+  log-softmax in float64: in float32 it moves SmolLM2's rolling log-likelihood of ROLLING[0] (-288.97) by 6e-4
+  from a float64 model's (ours is 5e-5 from it)."""
   import torch
   import transformers
   from lm_eval.models.huggingface import HFLM
 
   model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
   tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-  lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, device="cpu")
-  return lm_eval.simple_evaluate(model=lm, tasks=list(TASKS), task_manager=manager, log_samples=True,
+  return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, device="cpu", softmax_dtype="float64")
+
+
+def hf_results(lm, manager, tasks=TASKS, **kwargs) -> dict:
+  import lm_eval
+
+  return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, log_samples=True,
                                  bootstrap_iters=0, **kwargs)
 
 
@@ -163,12 +71,13 @@ def as_json(results: dict) -> dict:
   return json.loads(harness.results_json(results))
 
 
-def assert_same_results(ours: dict, theirs: dict) -> None:
-  """Every request's response as the hf backend's (log-likelihoods <= 1e-4 apart, is_greedy and generated text
-  equal; a whole document's rolling log-likelihood, a sum over all its tokens, within 1e-5 relative),
-  acc/acc_norm/exact_match equal, perplexities within 1e-4 relative."""
+def assert_same_results(ours: dict, theirs: dict, tasks=TASKS) -> None:
+  """Every request's response as the hf backend's (log-likelihoods, also a rolling document's sum over all its
+  tokens, <= 1e-4 apart; is_greedy and generated text equal), acc/acc_norm/exact_match equal, perplexities within
+  1e-4 relative."""
   ours, theirs = as_json(ours), as_json(theirs)
-  for task in TASKS:
+  assert ours["results"].keys() == theirs["results"].keys() == set(tasks)
+  for task in tasks:
     mine, reference = ours["samples"][task], theirs["samples"][task]
     assert [s["doc_id"] for s in mine] == [s["doc_id"] for s in reference] and mine, task
     for a, b in zip(mine, reference):
@@ -177,7 +86,7 @@ def assert_same_results(ours: dict, theirs: dict) -> None:
         if task == "hk_mc":
           assert abs(x[0] - y[0]) <= 1e-4 and x[1] == y[1], (task, a["doc_id"], x, y)
         elif task == "hk_rolling":
-          assert abs(x - y) <= 1e-5 * abs(y), (task, a["doc_id"], x, y)
+          assert abs(x - y) <= 1e-4, (task, a["doc_id"], x, y)
         else:
           assert x == y, (task, a["doc_id"], x, y)
     metrics, expected = ours["results"][task], theirs["results"][task]
@@ -189,16 +98,14 @@ def assert_same_results(ours: dict, theirs: dict) -> None:
         assert metrics[name] == pytest.approx(expected[name], rel=1e-4), (task, name)
 
 
-def bin_eval(*args, devices: int = 1, **popen) -> list:
-  """bin/eval's command line on `devices` simulated CPU devices, and its environment."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_DEFAULT_MATMUL_PRECISION="highest")
-  return [sys.executable, str(REPO / "bin" / "eval"), *map(str, args)], env
+def bin_eval(*args, device_count: int = 1):
+  """bin/eval's command line on `device_count` simulated CPU devices, and its environment (harness.Command)."""
+  return [sys.executable, REPO / "bin" / "eval", *args], {**devices(device_count), "JAX_DEFAULT_MATMUL_PRECISION":
+                                                           "highest"}
 
 
-def run_bin_eval(*args, devices: int = 1) -> subprocess.CompletedProcess:
-  command, env = bin_eval(*args, devices=devices)
-  result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+def run_bin_eval(*args, device_count: int = 1):
+  [result] = run_children([bin_eval(*args, device_count=device_count)], timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return result
 
@@ -211,7 +118,13 @@ def task_flags(tasks_dir, output_json, *extra) -> list[str]:
 @pytest.fixture(scope="module")
 def tiny_reference(tiny_dir, manager) -> dict:
   """The hf backend's results on the tiny model, two-shot."""
-  return hf_results(tiny_dir, manager, num_fewshot=2)
+  return hf_results(hf_lm(tiny_dir), manager, num_fewshot=2)
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf_lm(smollm2_hf_dir):
+  """The hf backend on SmolLM2's HF copy, loaded once for the module's runs."""
+  return hf_lm(smollm2_hf_dir)
 
 
 def test_unknown_task_says_how_to_list_tasks(tasks_dir, tmp_path):
@@ -241,7 +154,7 @@ def test_tiny_model_equals_hf_backend(tiny_dir, manager, tiny_reference):
 
 
 @pytest.mark.slow
-def test_bin_eval_smollm2_equals_hf_backend(smollm2_llama_hk, smollm2_hf_dir, tasks_dir, manager, tmp_path):
+def test_bin_eval_smollm2_equals_hf_backend(smollm2_llama_hk, smollm2_hf_lm, tasks_dir, manager, tmp_path):
   """bin/eval --tasks on the converted SmolLM2 against the hf backend on its HF copy, with --limit and
   --num_fewshot as the harness's own arguments; the table on stdout, the results dictionary in --output_json."""
   output = tmp_path / "results.json"
@@ -252,7 +165,7 @@ def test_bin_eval_smollm2_equals_hf_backend(smollm2_llama_hk, smollm2_hf_dir, ta
   assert all(len(ours["samples"][task]) == 3 for task in TASKS) and ours["n-shot"]["hk_mc"] == 1
   assert all(f"|{task}" in result.stdout.replace(" ", "") for task in TASKS), result.stdout
   assert "acc_norm" in result.stdout and "bits_per_byte" in result.stdout
-  theirs = hf_results(smollm2_hf_dir, manager, num_fewshot=1, limit=3)
+  theirs = hf_results(smollm2_hf_lm, manager, num_fewshot=1, limit=3)
   assert_same_results(ours, theirs)
   assert any(s["resps"][0][0] for s in ours["samples"]["hk_gen"])  # SmolLM2 says something.
 
@@ -261,39 +174,39 @@ def test_bin_eval_smollm2_equals_hf_backend(smollm2_llama_hk, smollm2_hf_dir, ta
 def test_bin_eval_fsdp_on_eight_devices_equals_hf_backend(tiny_dir, tasks_dir, tiny_reference, tmp_path):
   output = tmp_path / "fsdp.json"
   run_bin_eval(f"--checkpoint={tiny_dir}", "--gin_file=gin/sharding/fsdp.gin", "--num_fewshot=2", "--batch_size=4",
-               *task_flags(tasks_dir, output), devices=8)
+               *task_flags(tasks_dir, output), device_count=8)
   assert_same_results(json.loads(output.read_text()), tiny_reference)
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_bin_eval_two_processes_equal_hf_backend_and_print_once(tiny_dir, tasks_dir, tiny_reference, tmp_path):
   """2 processes x 4 devices, FSDP over all 8: every process runs every request, process 0 alone prints and
   writes."""
-  port, procs = _free_port(), []
-  try:
-    for i in range(2):
-      command, env = bin_eval(f"--checkpoint={tiny_dir}", "--gin_file=gin/sharding/fsdp.gin", "--num_fewshot=2",
-                              *task_flags(tasks_dir, tmp_path / f"multi{i}.json"),
-                              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
-                              devices=4)
-      procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                    cwd=REPO))
-    outputs = [p.communicate(timeout=600) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-      p.wait()
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
-  assert "hk_mc" in outputs[0][0] and outputs[1][0] == "", outputs
+  def commands(port):
+    return [bin_eval(f"--checkpoint={tiny_dir}", "--gin_file=gin/sharding/fsdp.gin", "--num_fewshot=2",
+                     *task_flags(tasks_dir, tmp_path / f"multi{i}.json"), f"--coordinator_address=127.0.0.1:{port}",
+                     "--num_processes=2", f"--process_id={i}", device_count=4) for i in range(2)]
+
+  results = run_group(commands, timeout=600)
+  for result in results:
+    assert result.returncode == 0, result.stderr[-3000:]
+  assert "hk_mc" in results[0].stdout and results[1].stdout == "", [r.stdout for r in results]
   assert not (tmp_path / "multi1.json").exists()
   assert_same_results(json.loads((tmp_path / "multi0.json").read_text()), tiny_reference)
+
+
+@pytest.mark.slow
+def test_chat_template_smollm2_equals_hf_backend(smollm2_llama_hk, smollm2_hf_lm, tasks_dir, manager):
+  """--apply_chat_template (evaluate_tasks, as bin/eval calls it): requests rendered with SmolLM2's chat
+  template, scored and generated as the hf backend does with apply_chat_template=True."""
+  from llama_hk import eval as evaluation
+
+  tasks, kwargs = ("hk_mc", "hk_gen"), dict(limit=2, apply_chat_template=True)
+  ours = evaluation.evaluate_tasks(smollm2_llama_hk, list(tasks), str(tasks_dir), False, log_samples=True,
+                                   **kwargs)
+  assert_same_results(ours, hf_results(smollm2_hf_lm, manager, tasks, **kwargs), tasks)
+  contexts = [s["arguments"][0][0] for task in tasks for s in ours["samples"][task]]
+  assert all(c.startswith("<|im_start|>") and c.endswith("<|im_start|>assistant\n") for c in contexts), contexts
 
 
 @pytest.mark.slow

@@ -63,7 +63,7 @@ def evaluate_tasks(checkpoint: str | os.PathLike, tasks: list[str], include_path
     include_defaults: False: only the tasks under include_path (the harness's thousands go unindexed).
     num_fewshot: Examples before each request (None: each task's own setting).
     limit: At most this many documents per task (below 1: this fraction of them).
-    batch_size: Requests per forward pass (None: harness.DEFAULT_BATCH_SIZE).
+    batch_size: Rows per forward pass, short requests packed several to a row (None: harness.DEFAULT_BATCH_SIZE).
     apply_chat_template: Render requests with the tokenizer's chat template.
     log_samples: Keep each document's requests and responses under "samples".
     compute_dtype: Activation dtype.

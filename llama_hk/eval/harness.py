@@ -6,7 +6,8 @@ tokens lose tokens from the left; empty contexts and rolling windows start with 
 EOS); `add_bos_token` overrides the tokenizer's default; generation stops at EOS or a request's `until`
 strings after at most `max_gen_toks` tokens, its context cut from the left to leave room for them.
 
-Requests are sorted by length (longest first) and scored `batch_size` at a time, each batch padded to the
+Log-likelihood requests are sorted by length (longest first) and packed into `batch_size` rows a forward pass, as
+many after one another in a row as fit (segment ids keep them apart), a row at least PACK_TOKENS long or the
 generation bucket of its longest (`inference.decode.bucket`), so a run compiles a handful of shapes. Over a
 mesh, each batch is split over its batch axes and the scores come back replicated. With several processes each
 runs every request (the harness sees a world of one) and the processes' batches go through the global mesh in
@@ -39,20 +40,21 @@ from llama_hk.tokenizers.tokenizer import Tokenizer
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_GEN_TOKS = 256  # The `hf` backend's.
+PACK_TOKENS = 64  # The shortest row: requests shorter than this share rows.
 
 
 @functools.lru_cache(maxsize=None)
 def _scorer(config: LlamaConfig, lora: LoraConfig | None, mesh):
-  """params, tokens, segment_ids, targets, mask (B, T) -> each row's summed log-probability of its masked targets
-  and whether each of them is the argmax (B,), replicated over `mesh`."""
+  """params, tokens, positions, segment_ids (B, T), scored (B, S) time indices and their targets (B, S) -> each
+  target's log-probability and whether it is the argmax (B, S), replicated over `mesh`; the LM head runs at the
+  scored positions only, and a request's sum is taken on the host, in float64."""
   forward = make_forward(config, lora=lora)
 
-  def score(params, tokens, segment_ids, targets, mask):
-    logits, _ = forward.apply(params, tokens, segment_ids=segment_ids)  # (B, T, V) float32
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # (B, T)
-    log_probs = target_logits - jax.nn.logsumexp(logits, axis=-1)  # (B, T)
-    greedy = jnp.argmax(logits, axis=-1) == targets  # (B, T)
-    return jnp.sum(jnp.where(mask, log_probs, 0.0), axis=1), jnp.all(greedy | ~mask, axis=1)
+  def score(params, tokens, positions, segment_ids, scored, targets):
+    logits, _ = forward.apply(params, tokens, positions=positions, segment_ids=segment_ids,
+                              logits_at=scored)  # (B, S, V) float32
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # (B, S)
+    return target_logits - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets  # (B, S)
 
   return jax.jit(score, out_shardings=None if mesh is None else NamedSharding(mesh, PartitionSpec()))
 
@@ -69,8 +71,8 @@ class LlamaHkLM(TemplateLM):
   def __init__(self, config: LlamaConfig, params, tokenizer: Tokenizer, *, mesh=None, lora: LoraConfig | None = None,
                batch_size: int | None = None, max_length: int | None = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
                add_bos_token: bool | None = None, prefix_token_id: int | None = None, seed: int = 0):
-    """batch_size: requests per forward pass (default 8), rounded up to a multiple of the mesh's data x fsdp size;
-    the others as the `hf` backend's arguments of those names."""
+    """batch_size: rows per forward pass (default 8; short requests share rows), rounded up to a multiple of the
+    mesh's data x fsdp size; the others as the `hf` backend's arguments of those names."""
     super().__init__()
     shards = sharding.batch_multiple(mesh)
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else int(batch_size)
@@ -160,35 +162,65 @@ class LlamaHkLM(TemplateLM):
         raise UserError(f"request {key!r}: empty context or continuation tokens")
       whole = (list(context) + list(continuation))[-(self.max_length + 1):]
       rows.append((whole[:-1], whole[1:], min(len(continuation), len(whole) - 1)))
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     results: list[tuple[float, bool] | None] = [None] * len(rows)
     score = _scorer(self.config, self.lora, self.mesh)
     batch_sharding = None if self.mesh is None else sharding.batch_sharding(self.mesh)
     with sharding.axis_rules(self.mesh), tqdm(total=len(rows), disable=disable_tqdm or not _main_process(),
                                               desc="loglikelihood requests") as progress:
-      for start in range(0, len(order), self.batch_size):
-        group = order[start:start + self.batch_size]
-        arrays = self._score_batch([rows[i] for i in group])
+      for time, batch in self._batches(rows):
+        *arrays, spans = self._score_batch(rows, time, batch)
         logprob, greedy = score(self.params, *(sharding.put_global(a, batch_sharding) for a in arrays))
         logprob, greedy = _host(logprob), _host(greedy)
-        for r, i in enumerate(group):
-          results[i] = (float(logprob[r]), bool(greedy[r]))
+        for r, i, span in spans:
+          results[i] = (float(np.sum(logprob[r, span], dtype=np.float64)), bool(np.all(greedy[r, span])))
           if requests[i][0] is not None:
             self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
-        progress.update(len(group))
+        progress.update(len(spans))
     return results
 
-  def _score_batch(self, rows) -> tuple[np.ndarray, ...]:
-    """tokens, segment_ids, targets, mask: (batch_size, T), right-padded, T the bucket of the longest row (capped
-    at max_length): the last, short batch compiles nothing new."""
-    time = min(decode.bucket(max(len(inputs) for inputs, _, _ in rows)), self.max_length)
-    tokens, segment_ids, targets = (np.zeros((self.batch_size, time), np.int32) for _ in range(3))
-    mask = np.zeros((self.batch_size, time), bool)
-    for r, (inputs, outputs, scored) in enumerate(rows):
-      n = len(inputs)
-      tokens[r, :n], targets[r, :n], segment_ids[r, :n] = inputs, outputs, 1
-      mask[r, n - scored:n] = True
-    return tokens, segment_ids, targets, mask
+  def _batches(self, rows) -> list[tuple[int, list[list[tuple[int, int]]]]]:
+    """(T, batch_size rows or fewer, each a list of (request index, start)): requests longest first, each put
+    after the last in its row when it fits, else at the start of a new row; T, the bucket of a batch's longest
+    request (`inference.decode.bucket`) but at least PACK_TOKENS, capped at max_length, so that short requests share
+    rows instead of padding them and a run compiles a handful of shapes."""
+    batches, used, time = [], 0, 0
+    for i in sorted(range(len(rows)), key=lambda i: -len(rows[i][0])):
+      n = len(rows[i][0])
+      if not batches or used + n > time:
+        if batches and len(batches[-1][1]) < self.batch_size:
+          batches[-1][1].append([])
+        else:
+          time = min(max(decode.bucket(n), PACK_TOKENS), self.max_length)
+          batches.append((time, [[]]))
+        used = 0
+      batches[-1][1][-1].append((i, used))
+      used += n
+    return batches
+
+  def _score_batch(self, rows, time: int, batch) -> tuple:
+    """tokens, positions, segment_ids: (batch_size, T), a row's requests as segments 1, 2, ... from position 0
+    each, then padding (segment 0), rows missing from a short batch all padding; scored and targets: (batch_size,
+    S), each row's scored time indices in turn and their targets, S their bucket (padded with index 0, scoring
+    nothing); and each request's (row, index, slice of S)."""
+    tokens, positions, segment_ids = (np.zeros((self.batch_size, time), np.int32) for _ in range(3))
+    row_scored, row_targets, spans = [], [], []
+    for r, row in enumerate(batch):
+      at, want = [], []
+      for segment, (i, start) in enumerate(row, 1):
+        inputs, outputs, scored = rows[i]
+        n = len(inputs)
+        tokens[r, start:start + n], segment_ids[r, start:start + n] = inputs, segment
+        positions[r, start:start + n] = np.arange(n)
+        spans.append((r, i, slice(len(at), len(at) + scored)))
+        at.extend(range(start + n - scored, start + n))
+        want.extend(outputs[n - scored:])
+      row_scored.append(at)
+      row_targets.append(want)
+    width = min(decode.bucket(max(map(len, row_scored))), time)
+    scored, targets = (np.zeros((self.batch_size, width), np.int32) for _ in range(2))
+    for r, (at, want) in enumerate(zip(row_scored, row_targets)):
+      scored[r, :len(at)], targets[r, :len(want)] = at, want
+    return tokens, positions, segment_ids, scored, targets, spans
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
     """Each text's log-probability in disjoint windows of max_length tokens, the first after the prefix token,

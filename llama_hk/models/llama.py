@@ -142,8 +142,9 @@ class Llama(_Module):
 
     segment_ids: packed documents carry 1, 2, ...; padding carries 0. With a cache, the row's padding must
     come last: its cache end advances by the row's non-padding tokens only.
-    logits_at: (B,) int32, or None: return only the logits (B, 1, V) at this time index of each row (a prefill
-    needs just its last prompt position's, and the full (B, T, V) would cost T times the head's work).
+    logits_at: (B,) or (B, S) int32, or None: return only the logits (B, 1, V) or (B, S, V) at these time indices
+    of each row (a prefill needs just its last prompt position's, a scorer its scored positions', and the full
+    (B, T, V) would cost T times the head's work).
     """
     c = self.config
     b, t = tokens.shape
@@ -176,7 +177,7 @@ class Llama(_Module):
     if cache is not None:
       cache = kv_cache.KVCache(layers.k, layers.v, cache_end + jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32))
     if logits_at is not None:
-      x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # (B, 1, D)
+      x = jnp.take_along_axis(x, logits_at.reshape(b, -1, 1), axis=1)  # (B, S, D), S = 1 for a (B,) index
     x = RMSNorm(c, name="norm")(x)  # (B, T, D)
     if c.tie_embeddings:
       logits = self.dense(x, "BTD,VD->BTV", "embeddings", weight=embeddings, weight_scale=scale,
