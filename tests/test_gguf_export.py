@@ -5,6 +5,7 @@ A random GQA model with SmolLM2's BPE tokenizer, saved by transformers, goes HF 
 files must hold the same metadata and tensors, and transformers must load ours as the original model.
 """
 
+import json
 import pathlib
 import shutil
 import sys
@@ -133,9 +134,9 @@ def test_sentencepiece_llama3_export_equals_llama_cpp_converter(tiny_hf_model, s
   from llama_hk import checkpoints
 
   model = tiny_hf_model(seed=4, vocab_size=512, hidden_size=64, intermediate_size=128, pad_token_id=None,
-                        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                        max_position_embeddings=16384, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                         "original_max_position_embeddings": 64})
+                                         "original_max_position_embeddings": 8192})
   hf_dir = _with_tokenizer(model, sentencepiece_dir, tmp_path / "Tiny")
   ours, theirs = tmp_path / "ours" / "Tiny.gguf", tmp_path / "Tiny.gguf"
   checkpoints.convert(hf_dir, ours, "gguf", gguf_type="q8_0")
@@ -149,7 +150,27 @@ def test_sentencepiece_llama3_export_equals_llama_cpp_converter(tiny_hf_model, s
   assert [n for n in tensors if not np.array_equal(ours_tensors[n][2], tensors[n][2])] == ["rope_freqs.weight"]
   # The factors from our float32 frequencies, against the converter's torch arithmetic: the last bit may differ.
   np.testing.assert_allclose(ours_tensors["rope_freqs.weight"][2], tensors["rope_freqs.weight"][2], rtol=1e-6)
-  assert tensors["rope_freqs.weight"][2].max() == 8.0
+  assert tensors["rope_freqs.weight"][2].max() == 8.0 and tensors["rope_freqs.weight"][2].min() == 1.0
+
+  # llama.cpp's file read back: its factors as rope_freq_factors, exported to HF as the llama3 scaling they encode.
+  config = checkpoints.load_config(theirs)
+  assert config.rope_freq_factors is not None and config.rope_scaling == "none"
+  checkpoints.convert(theirs, tmp_path / "hf", "hf")
+  exported = json.loads((tmp_path / "hf" / "config.json").read_text())["rope_parameters"]
+  assert exported == {**json.loads((hf_dir / "config.json").read_text())["rope_parameters"], "rope_type": "llama3"}
+
+
+def test_rope_factors_without_a_llama3_form_refuse_hf_export(tmp_path):
+  from llama_hk import checkpoints, config as config_lib, params
+  from llama_hk.errors import UserError
+
+  config = config_lib.LlamaConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, num_kv_heads=2, d_ff=32,
+                                  rope_freq_factors=(1.0, 3.0, 2.0, 5.0))
+  tree = params.map_params(lambda row, _: np.zeros(row.full_shape(config), np.float32),
+                           {p.module: {p.name: None} for p in params.table(config)})
+  with pytest.raises(UserError, match="do not follow llama3 scaling"):
+    checkpoints.export_hf(tmp_path / "hf", config, tree, None)
+  assert not (tmp_path / "hf").exists()
 
 
 def test_transformers_loads_the_f32_export_as_the_original(exports, hf_dir, shakespeare_dir):

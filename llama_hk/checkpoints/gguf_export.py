@@ -90,15 +90,25 @@ def _tensors(tree, config: LlamaConfig) -> list[tuple[str, tuple[int, ...], obje
   In the converter's order: the RoPE factors, then the tensors by HF name (the order of a safetensors file)."""
   gguf_names = {p.hf: p for p in params.table(config)}
   out = []
-  if config.rope_scaling == "llama3":
-    factors = rope.rope_frequencies(config.replace(rope_scaling="none")) / rope.rope_frequencies(config)
-    out.append(("rope_freqs.weight", factors.shape, lambda: factors.astype(np.float32)))
+  factors = _rope_factors(config)
+  if factors is not None:
+    out.append(("rope_freqs.weight", factors.shape, lambda: factors))
   for hf_name, shape, make in sorted(params.hf_tensors(tree, config), key=lambda t: t[0]):
     row, layer = _row_of(hf_name, gguf_names)
     if row.gguf_heads and params.gguf_permutes_qk(config):
       make = (lambda make=make, heads=getattr(config, row.gguf_heads): params.permute_gguf_rows(make(), heads))
     out.append((row.gguf.format(i=layer), tuple(shape), make))
   return out
+
+
+def _rope_factors(config: LlamaConfig) -> np.ndarray | None:
+  """rope_freqs.weight (K/2,): the factors a GGUF gave, as they came, or those of llama3 scaling; None without."""
+  if config.rope_freq_factors is not None:
+    return np.asarray(config.rope_freq_factors, np.float32)
+  if config.rope_scaling == "llama3":
+    unscaled = rope.rope_frequencies(config.replace(rope_scaling="none"))
+    return (unscaled / rope.rope_frequencies(config)).astype(np.float32)
+  return None
 
 
 def _row_of(hf_name: str, rows: dict) -> tuple[params.Param, int | None]:

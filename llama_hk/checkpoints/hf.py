@@ -18,6 +18,7 @@ from llama_hk.checkpoints import safetensors_io
 from llama_hk.checkpoints.leaves import Placement
 from llama_hk.config import LlamaConfig, load_hf_config, to_hf_config
 from llama_hk.errors import UserError, first_line
+from llama_hk.models import rope
 from llama_hk.tokenizers.tokenizer import Tokenizer
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -102,7 +103,9 @@ def export(path: str | os.PathLike, config: LlamaConfig, tree, tokenizer: Tokeni
            dtype: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
   """Writes a Hugging Face directory (config.json, safetensors, tokenizer files) loadable by transformers,
   atomically; safetensors shards of at most `max_shard_bytes` (a larger tensor alone in its shard) with
-  model.safetensors.index.json when there are several, each tensor made only as it is written."""
+  model.safetensors.index.json when there are several, each tensor made only as it is written. Per-frequency RoPE
+  factors are written as the llama3 scaling they encode (rope.as_llama3), or refused."""
+  hf_config = to_hf_config(rope.as_llama3(config), dtype=np.dtype(dtype or config.param_dtype).name)
   dtype = np.dtype(dtype or config.param_dtype)
   tensors = [(name, shape, dtype, make) for name, shape, make in params.hf_tensors(tree, config)]
   shards, current, size = [], [], 0
@@ -115,7 +118,6 @@ def export(path: str | os.PathLike, config: LlamaConfig, tree, tokenizer: Tokeni
     size += nbytes
   shards.append(current)
   with io_utils.atomic_dir(path) as tmp:
-    hf_config = to_hf_config(config, dtype=dtype.name)
     if tokenizer is not None:
       tokenizer.save(tmp)
       hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_hk.config import LlamaConfig
+from llama_hk.errors import UserError
 
 
 def rope_frequencies(config: LlamaConfig) -> np.ndarray:
@@ -42,3 +43,18 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
   x1, x2 = jnp.split(x, 2, axis=-1)  # (B, T, heads, K/2) each
   rotated = jnp.concatenate([-x2, x1], axis=-1)  # (B, T, heads, K)
   return x * cos + rotated * sin  # (B, T, heads, K)
+
+
+def as_llama3(config: LlamaConfig) -> LlamaConfig:
+  """A config with per-frequency factors (a GGUF's rope_freqs) as the llama3 scaling they encode, for formats that
+  have no per-frequency form (HF's config.json): Meta's constants (low 1, high 4, the original context 8192) and
+  the largest factor, when those give the same frequencies (within 1e-6); else UserError."""
+  if config.rope_freq_factors is None:
+    return config
+  llama3 = config.replace(rope_freq_factors=None, rope_scaling="llama3", rope_scaling_factor=max(config.rope_freq_factors),
+                          rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192)
+  if config.rope_scaling != "none" or not np.allclose(rope_frequencies(llama3), rope_frequencies(config), rtol=1e-6,
+                                                       atol=0):
+    raise UserError("the model's per-frequency RoPE factors (rope_freqs) do not follow llama3 scaling with Meta's "
+                    "constants, and HF config.json has no other form for them")
+  return llama3
