@@ -95,6 +95,20 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str, 
     assert not path.exists() and not list(path.parent.glob(f".{path.name}*")), path
 
 
+def raises_one_line_error(match: str, fn, *args, **kwargs) -> str:
+  """fn(*args, **kwargs) raises UserError with a one-line message that `match` (a regex) searches; the message."""
+  from llama_hk.errors import UserError
+
+  try:
+    fn(*args, **kwargs)
+  except UserError as e:
+    message = str(e)
+  else:
+    raise AssertionError(f"{getattr(fn, '__name__', fn)} raised no UserError")
+  assert "\n" not in message and re.search(match, message), message
+  return message
+
+
 def train_command(model_dir, args, **bindings) -> list[str]:
   """bin/train on `model_dir` with flags `args` and gin macro `bindings` (the session's compilation cache)."""
   return ([sys.executable, "bin/train", f"--model_dir={model_dir}"] + list(args)

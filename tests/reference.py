@@ -1,6 +1,7 @@
-"""The references tests compare with that are not a transformers model call: an HF copy of the SmolLM2 GGUF made by
+"""The references tests compare with beyond a plain transformers model call: an HF copy of the SmolLM2 GGUF made by
 transformers once per machine (imported by tests/conftest.py and bench/generate.py, so both compare against the same
-files), and torch.optim.AdamW training of a transformers model.
+files), torch.optim.AdamW training of a transformers model, transformers' greedy generation of one prompt, and our
+parameters of a transformers model.
 """
 
 import os
@@ -74,3 +75,23 @@ def torch_adamw_steps(model, groups, batches, hyper) -> list[float]:
     opt.step()
     losses.append(float(loss.detach()))
   return losses
+
+
+def ours_from_hf(hf_model):
+  """Our config and parameters for a transformers LlamaForCausalLM (or another family's model)."""
+  from llama_hk.config import from_hf_config
+  from llama_hk.params import params_from_hf
+
+  config = from_hf_config(hf_model.config.to_dict())
+  tensors = {name: t.detach().numpy() for name, t in hf_model.state_dict().items()}
+  return config, params_from_hf(tensors, config)
+
+
+def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int, eos: int | None) -> list[int]:
+  """transformers' greedy continuation of one prompt, up to and including its first EOS (when eos is set)."""
+  import torch
+
+  with torch.no_grad():
+    out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0)
+  return out[0, len(prompt):].tolist()

@@ -18,10 +18,11 @@ from llama_hk import inference
 from llama_hk import params as param_table
 from llama_hk import sharding
 from llama_hk.config import LlamaConfig, from_hf_config, num_params, to_hf_config
-from llama_hk.errors import UserError
 from llama_hk.models import make_forward
 from llama_hk.train.step import weight_decay_mask
-from test_generate import _hf_greedy, _ours
+
+import harness
+from reference import hf_greedy, ours_from_hf
 
 TOL = 1e-4
 WINDOW = 16  # Mistral's window here: shorter than every test sequence that crosses it.
@@ -37,7 +38,7 @@ def family(request, tiny_hf_model):
   """(family name, the transformers model, our config and params)."""
   hf = tiny_hf_model(**FAMILIES[request.param])
   assert type(hf) is HF_CLASSES[request.param]
-  return (request.param, hf, *_ours(hf))
+  return (request.param, hf, *ours_from_hf(hf))
 
 
 def _hf_logits(hf, tokens: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -104,7 +105,7 @@ def test_greedy_generation_past_the_window_matches_transformers(family):
   completions, _ = inference.Generator(config, params).generate(prompts, max_new_tokens=32)
   for prompt, completion in zip(prompts, completions):
     assert len(completion.ids) == 32
-    assert completion.ids == _hf_greedy(hf, prompt, 32, eos=None)
+    assert completion.ids == hf_greedy(hf, prompt, 32, eos=None)
 
 
 def test_hf_round_trip_is_bitwise(family, tmp_path):
@@ -132,7 +133,7 @@ def test_qwen2_biases_follow_the_table(tiny_hf_model):
   """Biases: no weight decay, sharded as their projection's output axes, float32 beside int8 weights, and the int8
   model computes what its dequantized float32 weights do."""
   hf = tiny_hf_model(**FAMILIES["qwen2"])
-  config, params = _ours(hf)
+  config, params = ours_from_hf(hf)
   decay = weight_decay_mask(params)["decoder/attention"]
   assert not any(decay[f"{p}_bias"] for p in "qkv") and all(decay[f"{p}_proj"] for p in "qkv")
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
@@ -176,12 +177,6 @@ def test_window_none_adds_nothing_to_the_llama_program():
   assert jaxpr(llama.replace(family="mistral", sliding_window=4)) != jaxpr(llama)
 
 
-def _one_line_error(match: str, fn, *args, **kwargs) -> None:
-  with pytest.raises(UserError, match=match) as error:
-    fn(*args, **kwargs)
-  assert len(str(error.value).splitlines()) == 1
-
-
 def test_unsupported_configs_fail_in_one_line(tmp_path):
   """Qwen2's use_sliding_window and unknown model_types: one-line errors naming the field or what is supported;
   through convert, nothing written."""
@@ -191,10 +186,10 @@ def test_unsupported_configs_fail_in_one_line(tmp_path):
                                    num_attention_heads=2, num_key_value_heads=1).to_dict()
   (bad / "config.json").write_text(json.dumps(qwen2 | {"use_sliding_window": True, "sliding_window": 8}))
   pattern = r"^\S+config\.json: use_sliding_window is true; Qwen2's sliding window is not supported$"
-  _one_line_error(pattern, checkpoints.convert, bad, tmp_path / "out")
+  harness.raises_one_line_error(pattern, checkpoints.convert, bad, tmp_path / "out")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["qwen2_window"]
   for model_type in ("gpt2", "phi3", "gemma2"):
-    _one_line_error(rf"^config\.json: model_type is '{model_type}', supported: llama, mistral, qwen2$",
+    harness.raises_one_line_error(rf"^config\.json: model_type is '{model_type}', supported: llama, mistral, qwen2$",
                     from_hf_config, qwen2 | {"model_type": model_type})
-  _one_line_error(r"^LlamaConfig\.sliding_window=8 needs family 'mistral', not 'llama'$", LlamaConfig,
+  harness.raises_one_line_error(r"^LlamaConfig\.sliding_window=8 needs family 'mistral', not 'llama'$", LlamaConfig,
                   vocab_size=32, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=32, sliding_window=8)

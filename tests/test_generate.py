@@ -21,35 +21,20 @@ from llama_hk import checkpoints
 from llama_hk import inference
 from llama_hk import platform
 from llama_hk import sharding
-from llama_hk.config import LlamaConfig, from_hf_config
+from llama_hk.config import LlamaConfig
 from llama_hk.errors import UserError
 from llama_hk.inference import decode
 from llama_hk.inference.sampling import Sampling, top_p_threshold
 from llama_hk.models import make_forward
 from llama_hk.ops.dense import to_layout
-from llama_hk.params import params_from_hf
 from llama_hk.tokenizers.tokenizer import Tokenizer
 from harness import assert_one_line_error
+from reference import hf_greedy, ours_from_hf
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VOCAB = 288  # Room for the GGUF test tokenizer.
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def _ours(hf_model):
-  """Our config and parameters for a transformers LlamaForCausalLM."""
-  config = from_hf_config(hf_model.config.to_dict())
-  tensors = {name: t.detach().numpy() for name, t in hf_model.state_dict().items()}
-  return config, params_from_hf(tensors, config)
-
-
-def _hf_greedy(hf_model, prompt: list[int], max_new_tokens: int, eos: int | None) -> list[int]:
-  """transformers' greedy continuation of one prompt, up to and including its first EOS (when eos is set)."""
-  with torch.no_grad():
-    out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0)
-  return out[0, len(prompt):].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +57,7 @@ def test_smollm2_greedy_matches_transformers(smollm2):
   generator = inference.Generator(ckpt.config, ckpt.params, tok)
   completions, stats = generator.generate(prompts, max_new_tokens=48)
   for prompt, completion in zip(prompts, completions):
-    expected = _hf_greedy(hf, prompt, 48, eos=tok.eos_id)
+    expected = hf_greedy(hf, prompt, 48, eos=tok.eos_id)
     assert completion.ids == expected
   assert completions[2].finish_reason == "stop" and completions[2].ids[-1] == tok.eos_id
   assert len(completions[2].ids) < 48 and completions[2].text == "The capital of France is Paris."
@@ -90,12 +75,12 @@ def test_smollm2_greedy_matches_transformers(smollm2):
 def test_random_models_greedy_match_transformers(tiny_hf_model, fields):
   """Batched prompts of different lengths, no EOS: 40 greedy tokens each, equal to transformers' one by one."""
   hf = tiny_hf_model(**fields)
-  config, params = _ours(hf)
+  config, params = ours_from_hf(hf)
   rng = np.random.default_rng(fields["seed"])
   prompts = [rng.integers(3, config.vocab_size, size=n).tolist() for n in (5, 17, 1)]
   completions, _ = inference.Generator(config, params).generate(prompts, max_new_tokens=40)
   for prompt, completion in zip(prompts, completions):
-    assert completion.ids == _hf_greedy(hf, prompt, 40, eos=None)
+    assert completion.ids == hf_greedy(hf, prompt, 40, eos=None)
 
 
 @pytest.mark.slow
@@ -104,7 +89,7 @@ def test_cached_decode_logits_equal_full_forward(tiny_hf_model, tied):
   """Through generation's prefill (right-padded rows) and decode steps, every step's logits equal the full
   forward pass at that position; the decode steps run on the batch-1 CPU weight layout, as a batch of one does."""
   hf = tiny_hf_model(seed=21, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
-  config, params = _ours(hf)
+  config, params = ours_from_hf(hf)
   weight_layout = platform.CPU_MATVEC_LAYOUT
   decode_params = to_layout(params, weight_layout)
   layers, d, heads, head_dim = params["decoder/attention"]["q_proj"].shape  # (L, D, N, K); out_in: (L, N * K, D)
@@ -133,7 +118,7 @@ def test_cached_decode_logits_equal_full_forward(tiny_hf_model, tied):
 @pytest.fixture(scope="module")
 def tiny(tiny_hf_model):
   hf = tiny_hf_model(seed=31, vocab_size=VOCAB, num_attention_heads=4, num_key_value_heads=2)
-  config, params = _ours(hf)
+  config, params = ours_from_hf(hf)
   return config, params
 
 

@@ -19,8 +19,9 @@ import transformers
 
 from llama_hk import checkpoints
 from llama_hk.checkpoints import gguf as gguf_format
-from llama_hk.errors import UserError
 from llama_hk.models import make_forward
+
+import harness
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LLAMA_CPP = REPO.parent / "shared" / "tools" / "llama.cpp"
@@ -58,12 +59,6 @@ def hf_logits(model) -> np.ndarray:
 def transformers_gguf_logits(path: pathlib.Path) -> np.ndarray:
   model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
   return hf_logits(model.eval())
-
-
-def assert_one_line_error(excinfo, *fragments: str) -> None:
-  """A UserError whose message is one line naming what is wrong (local until tests/harness.py has one)."""
-  message = str(excinfo.value)
-  assert "\n" not in message and all(f in message for f in fragments), message
 
 
 @pytest.fixture(scope="module")
@@ -265,10 +260,8 @@ BAD_GGUF = {
 
 @pytest.mark.parametrize("case", list(BAD_GGUF))
 def test_bad_gguf_is_a_one_line_error_and_writes_nothing(case, bad_files, tmp_path):
-  with pytest.raises(UserError) as excinfo:
-    checkpoints.convert(bad_files[case], tmp_path / "converted")
-  assert_one_line_error(excinfo, str(bad_files[case]))
-  assert re.search(BAD_GGUF[case], str(excinfo.value)), str(excinfo.value)
+  message = harness.raises_one_line_error(BAD_GGUF[case], checkpoints.convert, bad_files[case], tmp_path / "converted")
+  assert str(bad_files[case]) in message
   assert list(tmp_path.iterdir()) == []
 
 

@@ -204,9 +204,9 @@ def test_run_writes_model_dir_and_evaluates(trained):
   assert set(records[1]) == {"step", "loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu"}
   before, after = [r for r in records if "eval_loss" in r]  # Before the first step and after the last.
   assert records[0] == before and before["step"] == 0 and after["step"] == 4
-  for evaluation in (before, after):
-    assert 0 < evaluation["eval_bits_per_byte"] < 20
-    assert evaluation["eval_perplexity"] == pytest.approx(np.exp(evaluation["eval_loss"]), rel=1e-9)
+  for record in (before, after):
+    assert 0 < record["eval_bits_per_byte"] < 20
+    assert record["eval_perplexity"] == pytest.approx(np.exp(record["eval_loss"]), rel=1e-9)
   assert after["eval_loss"] < before["eval_loss"]
   assert (f"validation perplexity {before['eval_perplexity']:.3f} at step 0 -> {after['eval_perplexity']:.3f} at "
           "step 4") in result.stdout
