@@ -299,12 +299,23 @@ class HostLeaf:
     return self.array
 
 
+class RowBlocks(Protocol):
+  """A tensor a reader can give in blocks of rows (a GGUF's quantized matrix): `iter_params` narrows it to bfloat16
+  or int8 block by block; np.asarray(it) is the whole float32 array."""
+  shape: tuple[int, ...]
+
+  def row_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, float32 rows) blocks covering the tensor in order."""
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray: ...
+
+
 def iter_params(get: Callable[[str], np.ndarray], config: LlamaConfig, naming: str = "hf",
                 dtype: str | None = None, source: str = "checkpoint",
                 leaf_type: Callable[..., Leaf] = HostLeaf) -> Iterator[tuple[str, str, Any]]:
   """Yields (module, name, leaf) of the Haiku parameter tree, one leaf at a time, from a name -> array lookup.
 
-  `get` returns HF-layout arrays. Each leaf is a `leaf_type(module, name, shape, dtype)` filled layer by layer
+  `get` returns HF-layout arrays (or RowBlocks, narrowed block by block). Each leaf is a `leaf_type(module, name, shape, dtype)` filled layer by layer
   (HostLeaf: NumPy; checkpoints.leaves.DeviceLeaf: device buffers updated in place), so a consumer that keeps
   nothing (streaming conversion) holds one leaf at a time. `naming` is "hf" or "gguf" (GGUF rows of Q and K are
   unpermuted here). `dtype` (default the config's) "int8" quantizes each tensor as it is read, yielding its scale
@@ -329,17 +340,38 @@ def iter_params(get: Callable[[str], np.ndarray], config: LlamaConfig, naming: s
       if array.shape != p.hf_shape(config):
         raise UserError(f"{source}: tensor {name} has shape {tuple(array.shape)}, the config implies "
                         f"{p.hf_shape(config)}")
-      if naming == "gguf" and p.gguf_heads and gguf_permutes_qk(config):
-        array = unpermute_gguf_rows(np.asarray(array), getattr(config, p.gguf_heads))
-      converted = p.to_ours(np.asarray(array), config)
+      permuted = naming == "gguf" and p.gguf_heads and gguf_permutes_qk(config)
+      if hasattr(array, "row_blocks") and not permuted and leaf_dtype(p, config) != np.float32:
+        converted, scale = _narrow_by_rows(array, p, config, quantized)
+      else:
+        if permuted:
+          array = unpermute_gguf_rows(np.asarray(array), getattr(config, p.gguf_heads))
+        converted = p.to_ours(np.asarray(array), config)
+        if quantized:
+          converted, scale = quantize(converted, p)
       del array  # The read buffer goes before the device copy is made: one tensor less at the peak.
       if quantized:
-        converted, scale = quantize(converted, p)
         scale_leaf.set(i, scale)
       leaf.set(i, converted.astype(leaf_dtype(p, config), copy=False))
     yield p.module, p.name, leaf.finish()
     if quantized:
       yield s.module, s.name, scale_leaf.finish()
+
+
+def _narrow_by_rows(array: RowBlocks, row: Param, config: LlamaConfig, quantized: bool):
+  """An HF-layout tensor read block of rows by block straight into its narrow dtype, never whole in float32, then
+  laid out as ours: (array, int8 scale or None). An HF row is an output channel (of a matrix, or the embedding's
+  token), so int8 scales are per HF row, as `quantize` gives them in our layout."""
+  out = np.empty(array.shape, np.int8 if quantized else leaf_dtype(row, config))
+  scales = np.empty(array.shape[:1], np.float32) if quantized else None
+  for start, block in array.row_blocks():
+    stop = start + len(block)
+    if quantized:
+      out[start:stop], scales[start:stop] = quantize(block, BY_NAME[("embedding", "embeddings")])  # Per row.
+    else:
+      out[start:stop] = block
+  scale = None if scales is None else scales.reshape(SCALES[(row.module, row.name)].our_shape(config))
+  return row.to_ours(out, config), scale
 
 
 def collect(leaves: Iterable[tuple[str, str, Any]]) -> dict:

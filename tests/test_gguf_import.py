@@ -183,7 +183,7 @@ def test_every_tensor_type_dequantizes_as_gguf_py(kquant_model, write_tiny_gguf,
     if t.name in types:
       assert t.tensor_type.name == types[t.name]
       expected = gguf.quants.dequantize(t.data, t.tensor_type)
-      got = get(t.name)
+      got = np.asarray(get(t.name))
       assert got.shape == tuple(int(n) for n in reversed(t.shape)) and np.isfinite(got).all(), t.name
       np.testing.assert_array_equal(got.astype(np.float32), expected.astype(np.float32), err_msg=t.name)
       if t.tensor_type in dequant.GGML_NAME:
@@ -200,6 +200,27 @@ def test_k_quant_model_gives_transformers_gguf_logits(kquant_model, write_tiny_g
   write_quantized(path, kquant_model, write_tiny_gguf, types)
   ours, reference = our_logits(path), transformers_gguf_logits(path)
   assert np.abs(reference).max() > 1 and np.abs(ours - reference).max() <= 1e-4
+
+
+def test_narrow_loads_of_quantized_matrices_go_block_by_block(kquant_model, write_tiny_gguf, tmp_path, monkeypatch):
+  """--weights=int8 and bfloat16 of a K-quant file, its matrices dequantized a few rows at a time (blocks of 512
+  values here): bitwise the narrowing of the whole float32 load (params.quantized, astype bfloat16)."""
+  import ml_dtypes
+  from llama_hk import params
+
+  types = {f"blk.{i}.{m}.weight": kind for i, kinds in enumerate(LAYER_TYPES) for m, kind in zip(MATRICES, kinds)}
+  path = tmp_path / "kquant.gguf"
+  write_quantized(path, kquant_model, write_tiny_gguf, types)
+  full = checkpoints.load(path, on_device=False).params
+  monkeypatch.setattr(gguf_format, "DEQUANTIZE_CHUNK", 512)
+  int8, bf16 = (checkpoints.load(path, dtype=d, on_device=False).params for d in ("int8", "bfloat16"))
+  for tree, expected in ((int8, params.quantized(full)),
+                         (bf16, {m: {n: a.astype(ml_dtypes.bfloat16) for n, a in leaves.items()}
+                                 for m, leaves in full.items()})):
+    assert tree.keys() == expected.keys()
+    for module in tree:
+      for name, leaf in tree[module].items():
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(expected[module][name]), err_msg=f"{module}/{name}")
 
 
 SPLIT_TEXT = "Hello's WORLD'LL 12345 x+=1;\n\n  ça  va?\r\n"

@@ -79,7 +79,8 @@ class GgufFile:
     return from_gguf.tokenizer_from_gguf(_parse(path).metadata, str(path))
 
   def tensors(self, path: pathlib.Path) -> Callable[[str], np.ndarray]:
-    """GGUF name -> array: F32/F16 as stored, BF16 and the quantized types dequantized (to float32)."""
+    """GGUF name -> array: F32/F16 as stored, BF16 and the quantized types dequantized (to float32), a matrix of
+    those in blocks of rows (params.RowBlocks)."""
     import gguf
     tensors = {t.name: t for t in _parse(path).reader.tensors}
 
@@ -93,18 +94,34 @@ class GgufFile:
         return np.asarray(t.data).reshape(tuple(int(n) for n in reversed(t.shape)))
       if t.data.ndim == 1:
         return gguf.quants.dequantize(t.data, t.tensor_type)
-      # Row blocks of about DEQUANTIZE_CHUNK values: gguf-py's temporaries stay small beside the float32 result.
-      out = np.empty(tuple(int(n) for n in reversed(t.shape)), np.float32)  # (rows, cols)
-      step = max(1, DEQUANTIZE_CHUNK // out.shape[-1])
-      for start in range(0, len(out), step):
-        out[start:start + step] = gguf.quants.dequantize(t.data[start:start + step], t.tensor_type)
-      return out
+      return _QuantizedRows(t)
 
     return get
 
   def leaves(self, path: pathlib.Path, config: LlamaConfig, dtype: str | None,
              placement: Placement) -> Iterator[tuple[str, str, object]]:
     return params.iter_params(self.tensors(path), config, "gguf", dtype, str(path), placement.leaf)
+
+
+class _QuantizedRows:
+  """A quantized matrix dequantized in blocks of about DEQUANTIZE_CHUNK values (params.RowBlocks): gguf-py's
+  temporaries stay small, and a narrow load never holds the matrix whole in float32."""
+
+  def __init__(self, tensor):
+    self.tensor = tensor
+    self.shape = tuple(int(n) for n in reversed(tensor.shape))  # (rows, cols)
+
+  def row_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+    import gguf
+    step = max(1, DEQUANTIZE_CHUNK // self.shape[-1])
+    for start in range(0, self.shape[0], step):
+      yield start, gguf.quants.dequantize(self.tensor.data[start:start + step], self.tensor.tensor_type)
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    out = np.empty(self.shape, np.float32)
+    for start, block in self.row_blocks():
+      out[start:start + len(block)] = block
+    return out if dtype is None else out.astype(dtype)
 
 
 def _parse(path: pathlib.Path) -> _Parsed:
