@@ -8,6 +8,7 @@ kernels and weight layouts against the reference implementations: tests/test_ops
 import json
 
 import haiku as hk
+import huggingface_hub
 import jax
 import numpy as np
 import pytest
@@ -284,33 +285,70 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "lo
 LINEAR_ROPE = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
 
 
-def _save_safetensors(model, path, **kwargs):
-  model.save_pretrained(path, **kwargs)
+# Each writer: (transformers model, directory, write_tiny_gguf) -> the path checkpoints.load reads.
+
+def _save_safetensors(model, path, _):
+  model.save_pretrained(path)
+  return path
 
 
-def _save_sharded(model, path):
+def _save_sharded(model, path, _):
   model.save_pretrained(path, max_shard_size="40KB")
   index = json.loads((path / "model.safetensors.index.json").read_text())
   assert len(set(index["weight_map"].values())) > 1
   assert not (path / "model.safetensors").exists()
+  return path
 
 
-def _save_pytorch_bin(model, path):
+def _save_pytorch_bin(model, path, _):
   # transformers 5 always writes safetensors, so write the legacy layout by hand.
   model.config.save_pretrained(path)
   torch.save({k: v.clone() for k, v in model.state_dict().items()}, path / "pytorch_model.bin")
+  return path
+
+
+def _save_sharded_pytorch_bin(model, path, _):
+  """pytorch_model-0000i-of-0000n.bin shards and their index, split by huggingface_hub as transformers 4's
+  save_pretrained(safe_serialization=False, max_shard_size=...) split them (transformers 5 writes only safetensors)."""
+  model.config.save_pretrained(path)
+  state = {k: v.clone() for k, v in model.state_dict().items()}
+  split = huggingface_hub.split_torch_state_dict_into_shards(state, filename_pattern="pytorch_model{suffix}.bin",
+                                                             max_shard_size="40KB")
+  assert split.is_sharded and len(split.filename_to_tensors) > 1
+  for filename, names in split.filename_to_tensors.items():
+    torch.save({name: state[name] for name in names}, path / filename)
+  (path / "pytorch_model.bin.index.json").write_text(
+      json.dumps({"metadata": split.metadata, "weight_map": split.tensor_to_filename}))
+  return path
+
+
+def _save_gguf(model, path, write_tiny_gguf):
+  """A llama.cpp-layout F32 GGUF (Q/K rows permuted) of the model."""
+  write_tiny_gguf(path / "model.gguf", model)
+  return path / "model.gguf"
+
+
+def _save_llama_hk(model, path, _):
+  """The model's HF directory converted to a llama_hk checkpoint, as bin/convert does."""
+  model.save_pretrained(path / "hf")
+  checkpoints.convert(path / "hf", path / "llama_hk")
+  assert checkpoints.detect_kind(path / "llama_hk") == "llama_hk"
+  return path / "llama_hk"
 
 
 def _older_layout(rope_scaling: dict, rope_theta: float):
   """config.json with top-level rope_theta / rope_scaling (pre-`rope_parameters` transformers)."""
-  def save(model, path):
+  def save(model, path, _):
     model.save_pretrained(path)
     hf = json.loads((path / "config.json").read_text())
     del hf["rope_parameters"]
     hf.update(rope_theta=rope_theta, rope_scaling=rope_scaling)
     (path / "config.json").write_text(json.dumps(hf))
+    return path
   return save
 
+
+GGUF_VOCAB = 320  # write_tiny_gguf's byte-level vocabulary needs at least 262 ids.
 
 # id: (config overrides, how to write it, counterfactual that must visibly break the parity or None).
 CHECKPOINT_CASES = {
@@ -325,6 +363,12 @@ CHECKPOINT_CASES = {
     "norm_weights": (dict(random_norms=True), _save_safetensors, "unit_norms"),
     "sharded": (dict(random_norms=True), _save_sharded, None),
     "pytorch_bin": (dict(random_norms=True, rope_parameters=LINEAR_ROPE), _save_pytorch_bin, None),
+    "sharded_pytorch_bin": (dict(random_norms=True, num_key_value_heads=1), _save_sharded_pytorch_bin, None),
+    "gguf": (dict(random_norms=True, num_attention_heads=8, num_key_value_heads=2, vocab_size=GGUF_VOCAB), _save_gguf,
+             "unit_norms"),
+    "gguf_tied_mqa": (dict(random_norms=True, num_key_value_heads=1, tie_word_embeddings=True, vocab_size=GGUF_VOCAB),
+                      _save_gguf, None),
+    "llama_hk": (dict(random_norms=True, rope_parameters=LLAMA3_ROPE), _save_llama_hk, "no_rope_scaling"),
     "older_layout_llama3": (
         dict(rope_parameters={**LLAMA3_ROPE, "rope_theta": 50000.0}),
         _older_layout({k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}, 50000.0), "no_rope_scaling"),
@@ -335,12 +379,11 @@ CHECKPOINT_CASES = {
 
 
 @pytest.mark.parametrize("case", list(CHECKPOINT_CASES))
-def test_checkpoint_logits_match_transformers(case, tiny_hf_model, tmp_path):
+def test_checkpoint_logits_match_transformers(case, tiny_hf_model, write_tiny_gguf, tmp_path):
   overrides, save, counterfactual = CHECKPOINT_CASES[case]
   seed = list(CHECKPOINT_CASES).index(case)
   hf = tiny_hf_model(seed=seed, **overrides)
-  save(hf, tmp_path)
-  ckpt = checkpoints.load(tmp_path)
+  ckpt = checkpoints.load(save(hf, tmp_path, write_tiny_gguf))
   assert ckpt.config.num_heads == hf.config.num_attention_heads
   assert ckpt.config.num_kv_heads == hf.config.num_key_value_heads
   assert ckpt.config.head_dim == hf.config.head_dim
