@@ -11,10 +11,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from llama_hk import params
 from llama_hk.config import from_hf_config
-from llama_hk.data import pipeline, sources
+from llama_hk.data import sources
 from llama_hk.eval import perplexity as perplexity_lib
 from llama_hk.tokenizers.tokenizer import Tokenizer
 
@@ -65,20 +66,25 @@ def test_split_perplexity_equals_transformers_document_by_document(
   assert result.returncode == 0, result.stderr[-3000:]
   ours = json.loads((tmp_path / "out.json").read_text())
 
-  # Reference: each document alone (BOS, text, EOS), cut into the pipeline's overlapping chunks, through torch.
+  # Reference: each document alone, tokenized by transformers (BOS, text, then EOS appended) and cut here into chunks
+  # of SEQ_LEN overlapping by one token (so every next-token pair is scored once), through torch.
+  hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "model")
   documents = list(sources.shakespeare("validation", str(shakespeare_data_dir), source_dir=str(shakespeare_dir)))
-  total, count = 0.0, 0
+  total, count, pairs = 0.0, 0, 0
   with torch.no_grad():
     for document in documents:
-      ids = pipeline.tokenize_document(document, tokenizer)
-      for chunk in pipeline.split_document(ids, SEQ_LEN):
-        if len(chunk) < 2:
-          continue
-        logits = model(torch.tensor(chunk[None], dtype=torch.long)).logits[0, :-1].double()
+      ids = hf_tokenizer(document).input_ids + [hf_tokenizer.eos_token_id]
+      pairs += len(ids) - 1
+      assert ids[0] == hf_tokenizer.bos_token_id == 1
+      for start in range(0, len(ids) - 1, SEQ_LEN - 1):
+        chunk = ids[start:start + SEQ_LEN]
+        logits = model(torch.tensor([chunk], dtype=torch.long)).logits[0, :-1].double()
         nll = torch.nn.functional.cross_entropy(logits, torch.tensor(chunk[1:], dtype=torch.long), reduction="sum")
         total += float(nll)
         count += len(chunk) - 1
+  assert count == pairs  # The chunks score every (token, next token) pair once.
   num_bytes = sum(len(d.encode("utf-8")) for d in documents)
+  print(f"split nll {ours['nll']:.6f} vs {total / count:.6f}: {abs(ours['nll'] / (total / count) - 1):.1e} relative")
   assert ours["tokens"] == count
   assert ours["bytes"] == num_bytes
   assert abs(ours["nll"] - total / count) <= 1e-5 * (total / count), (ours, total / count)

@@ -8,6 +8,7 @@ kernels and weight layouts against the reference implementations: tests/test_ops
 import json
 
 import haiku as hk
+import huggingface_hub
 import jax
 import numpy as np
 import pytest
@@ -49,27 +50,31 @@ def _randomize(module: torch.nn.Module, seed: int, std: float = 0.15) -> None:
 
 
 def _padded_batch(seed: int, vocab: int, length: int):
-  """tokens (3, T): a full row, a right-padded row and a left-padded row; their segment ids and positions.
+  """tokens (4, T): a full row, a right-padded row, a left-padded row and a packed row (documents of 20, 25 and 12
+  tokens, then padding); their segment ids and positions (per document in the packed row).
 
   The full row starts at position 200, past every original_max_position_embeddings used here.
   """
   rng = np.random.default_rng(seed)
-  tokens = rng.integers(3, vocab, size=(3, length)).astype(np.int32)
-  segments = np.ones((3, length), np.int32)
+  tokens = rng.integers(3, vocab, size=(4, length)).astype(np.int32)
+  segments = np.ones((4, length), np.int32)
   segments[1, length - 11:] = 0  # Right padding.
   segments[2, :13] = 0  # Left padding.
-  tokens[segments == 0] = 0
-  positions = np.zeros((3, length), np.int32)
+  positions = np.zeros((4, length), np.int32)
   positions[0] = 200 + np.arange(length)
   for b in (1, 2):
     real = segments[b] == 1
     positions[b, real] = np.arange(real.sum())
+  segments[3], positions[3] = _packed_row((20, 25, 12), length)
+  tokens[segments == 0] = 0
   return tokens, segments, positions
 
 
-def _hf_logits(model, tokens, segments, positions) -> np.ndarray:
+def _hf_logits(model, tokens, segments, positions, four_d: bool = True) -> np.ndarray:
+  """transformers' logits given the block-diagonal 4-D mask, or (four_d=False) its own mask from 2-D padding."""
+  mask = _hf_mask(segments) if four_d else torch.from_numpy(segments).long()
   with torch.no_grad():
-    return model(input_ids=torch.from_numpy(tokens).long(), attention_mask=torch.from_numpy(segments).long(),
+    return model(input_ids=torch.from_numpy(tokens).long(), attention_mask=mask,
                  position_ids=torch.from_numpy(positions).long()).logits.numpy()
 
 
@@ -136,21 +141,40 @@ def test_rope_matches_transformers(case):
 
 
 def _hf_mask(segments: np.ndarray) -> torch.Tensor:
-  """transformers' additive 4-D mask (B, 1, T, T): causal within the real tokens, padding masked."""
+  """The additive 4-D mask (B, 1, T, T) transformers takes for packed rows: causal within each document (segment
+  id > 0), float32 min across documents, above the diagonal and at padding keys (segment 0)."""
   t = segments.shape[1]
   causal = np.tril(np.ones((t, t), bool))[None]
-  keys = segments.astype(bool)[:, None, :]
-  visible = causal & keys
+  same_document = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)  # (B, T, S)
+  visible = causal & same_document
   return torch.from_numpy(np.where(visible, 0.0, np.finfo(np.float32).min)[:, None].astype(np.float32))
 
 
+def _packed_row(lengths: tuple[int, ...], length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Segment ids 1, 2, ... for documents of `lengths` then padding (0) to `length`, and per-document positions."""
+  segments = np.zeros(length, np.int32)
+  positions = np.zeros(length, np.int32)
+  start = 0
+  for i, n in enumerate(lengths):
+    segments[start:start + n] = i + 1
+    positions[start:start + n] = np.arange(n)
+    start += n
+  return segments, positions
+
+
 def _attention_inputs(seed: int, d: int):
+  """x (3, 12, D): a full row, a left-padded row, and a packed row (documents of 5, 4 and 2 tokens, one pad)."""
   torch.manual_seed(seed)
-  x = torch.randn(2, 12, d)
-  segments = np.ones((2, 12), np.int32)
-  segments[1, :4] = 0  # Left padding in row 1.
-  positions = np.stack([np.arange(12), np.maximum(np.arange(12) - 4, 0)]).astype(np.int32)
+  x = torch.randn(3, 12, d)
+  packed_segments, packed_positions = _packed_row((5, 4, 2), 12)
+  segments = np.stack([np.ones(12, np.int32), (np.arange(12) >= 4).astype(np.int32), packed_segments])
+  positions = np.stack([np.arange(12), np.maximum(np.arange(12) - 4, 0), packed_positions]).astype(np.int32)
   return x, segments, positions
+
+
+def _one_document(segments: np.ndarray) -> np.ndarray:
+  """The same rows with every document joined into one (padding kept): what a mask without segments would see."""
+  return (segments > 0).astype(np.int32)  # (B, T)
 
 
 def _module_params(hf_module: torch.nn.Module, config, prefix: str, scope: dict[str, str]) -> dict:
@@ -171,7 +195,8 @@ def _module_params(hf_module: torch.nn.Module, config, prefix: str, scope: dict[
 
 
 def test_attention_gqa_matches_transformers():
-  """6 query heads over 2 kv heads (3 per group), head_dim 16 != 48 / 6, llama3 RoPE, a left-padded row."""
+  """6 query heads over 2 kv heads (3 per group), head_dim 16 != 48 / 6, llama3 RoPE, a left-padded and a packed
+  row against transformers' block-diagonal 4-D mask and per-document position_ids."""
   hf_config = _hf_config(**ROPE_CASES["llama3"])
   config = from_hf_config(hf_config.to_dict())
   hf_attention = hf_llama.LlamaAttention(hf_config, layer_idx=0).eval()
@@ -200,8 +225,11 @@ def test_attention_gqa_matches_transformers():
   shifted = np.asarray(apply(params, x.numpy(), positions + 1, segments))
   assert _max_diff_real(shifted, ref, segments) <= MODULE_TOL
   no_mask = hk.without_apply_rng(hk.transform(
-      lambda x, p: llama.Attention(config, name="attention")(x, p, np.ones((2, 12, 12), bool))[0]))
+      lambda x, p: llama.Attention(config, name="attention")(x, p, np.ones((3, 12, 12), bool))[0]))
   assert _max_diff_real(np.asarray(jax.jit(no_mask.apply)(params, x.numpy(), positions)), ref, segments) > 0.05
+  # The packed row's later documents must not see the earlier ones.
+  joined = np.asarray(apply(params, x.numpy(), positions, _one_document(segments)))
+  assert _max_diff_real(joined[2:], ref[2:], segments[2:]) > 0.05
 
 
 def test_decoder_block_matches_transformers():
@@ -230,6 +258,9 @@ def test_decoder_block_matches_transformers():
   assert diff <= MODULE_TOL
   # The block changes its input substantially, so the comparison is not dominated by the residual.
   assert _max_diff_real(x.numpy(), ref, segments) > 0.5
+  # Documents of the packed row stay apart.
+  joined = np.asarray(jax.jit(ours.apply)(params, x.numpy(), positions, _one_document(segments)))
+  assert _max_diff_real(joined[2:], ref[2:], segments[2:]) > 0.05
 
 
 def test_parameter_table_matches_model_tree(tiny_hf_model):
@@ -254,33 +285,70 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "lo
 LINEAR_ROPE = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
 
 
-def _save_safetensors(model, path, **kwargs):
-  model.save_pretrained(path, **kwargs)
+# Each writer: (transformers model, directory, write_tiny_gguf) -> the path checkpoints.load reads.
+
+def _save_safetensors(model, path, _):
+  model.save_pretrained(path)
+  return path
 
 
-def _save_sharded(model, path):
+def _save_sharded(model, path, _):
   model.save_pretrained(path, max_shard_size="40KB")
   index = json.loads((path / "model.safetensors.index.json").read_text())
   assert len(set(index["weight_map"].values())) > 1
   assert not (path / "model.safetensors").exists()
+  return path
 
 
-def _save_pytorch_bin(model, path):
+def _save_pytorch_bin(model, path, _):
   # transformers 5 always writes safetensors, so write the legacy layout by hand.
   model.config.save_pretrained(path)
   torch.save({k: v.clone() for k, v in model.state_dict().items()}, path / "pytorch_model.bin")
+  return path
+
+
+def _save_sharded_pytorch_bin(model, path, _):
+  """pytorch_model-0000i-of-0000n.bin shards and their index, split by huggingface_hub as transformers 4's
+  save_pretrained(safe_serialization=False, max_shard_size=...) split them (transformers 5 writes only safetensors)."""
+  model.config.save_pretrained(path)
+  state = {k: v.clone() for k, v in model.state_dict().items()}
+  split = huggingface_hub.split_torch_state_dict_into_shards(state, filename_pattern="pytorch_model{suffix}.bin",
+                                                             max_shard_size="40KB")
+  assert split.is_sharded and len(split.filename_to_tensors) > 1
+  for filename, names in split.filename_to_tensors.items():
+    torch.save({name: state[name] for name in names}, path / filename)
+  (path / "pytorch_model.bin.index.json").write_text(
+      json.dumps({"metadata": split.metadata, "weight_map": split.tensor_to_filename}))
+  return path
+
+
+def _save_gguf(model, path, write_tiny_gguf):
+  """A llama.cpp-layout F32 GGUF (Q/K rows permuted) of the model."""
+  write_tiny_gguf(path / "model.gguf", model)
+  return path / "model.gguf"
+
+
+def _save_llama_hk(model, path, _):
+  """The model's HF directory converted to a llama_hk checkpoint, as bin/convert does."""
+  model.save_pretrained(path / "hf")
+  checkpoints.convert(path / "hf", path / "llama_hk")
+  assert checkpoints.detect_kind(path / "llama_hk") == "llama_hk"
+  return path / "llama_hk"
 
 
 def _older_layout(rope_scaling: dict, rope_theta: float):
   """config.json with top-level rope_theta / rope_scaling (pre-`rope_parameters` transformers)."""
-  def save(model, path):
+  def save(model, path, _):
     model.save_pretrained(path)
     hf = json.loads((path / "config.json").read_text())
     del hf["rope_parameters"]
     hf.update(rope_theta=rope_theta, rope_scaling=rope_scaling)
     (path / "config.json").write_text(json.dumps(hf))
+    return path
   return save
 
+
+GGUF_VOCAB = 320  # write_tiny_gguf's byte-level vocabulary needs at least 262 ids.
 
 # id: (config overrides, how to write it, counterfactual that must visibly break the parity or None).
 CHECKPOINT_CASES = {
@@ -295,6 +363,12 @@ CHECKPOINT_CASES = {
     "norm_weights": (dict(random_norms=True), _save_safetensors, "unit_norms"),
     "sharded": (dict(random_norms=True), _save_sharded, None),
     "pytorch_bin": (dict(random_norms=True, rope_parameters=LINEAR_ROPE), _save_pytorch_bin, None),
+    "sharded_pytorch_bin": (dict(random_norms=True, num_key_value_heads=1), _save_sharded_pytorch_bin, None),
+    "gguf": (dict(random_norms=True, num_attention_heads=8, num_key_value_heads=2, vocab_size=GGUF_VOCAB), _save_gguf,
+             "unit_norms"),
+    "gguf_tied_mqa": (dict(random_norms=True, num_key_value_heads=1, tie_word_embeddings=True, vocab_size=GGUF_VOCAB),
+                      _save_gguf, None),
+    "llama_hk": (dict(random_norms=True, rope_parameters=LLAMA3_ROPE), _save_llama_hk, "no_rope_scaling"),
     "older_layout_llama3": (
         dict(rope_parameters={**LLAMA3_ROPE, "rope_theta": 50000.0}),
         _older_layout({k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}, 50000.0), "no_rope_scaling"),
@@ -305,26 +379,32 @@ CHECKPOINT_CASES = {
 
 
 @pytest.mark.parametrize("case", list(CHECKPOINT_CASES))
-def test_checkpoint_logits_match_transformers(case, tiny_hf_model, tmp_path):
+def test_checkpoint_logits_match_transformers(case, tiny_hf_model, write_tiny_gguf, tmp_path):
   overrides, save, counterfactual = CHECKPOINT_CASES[case]
   seed = list(CHECKPOINT_CASES).index(case)
   hf = tiny_hf_model(seed=seed, **overrides)
-  save(hf, tmp_path)
-  ckpt = checkpoints.load(tmp_path)
+  ckpt = checkpoints.load(save(hf, tmp_path, write_tiny_gguf))
   assert ckpt.config.num_heads == hf.config.num_attention_heads
   assert ckpt.config.num_kv_heads == hf.config.num_key_value_heads
   assert ckpt.config.head_dim == hf.config.head_dim
   assert ckpt.config.tie_embeddings == hf.config.tie_word_embeddings
   tokens, segments, positions = _padded_batch(seed, hf.config.vocab_size, length=64)
   ref = _hf_logits(hf, tokens, segments, positions)
+  # On the padded rows the hand-built 4-D mask is transformers' own padding mask.
+  assert _max_diff_real(_hf_logits(hf, tokens[:3], segments[:3], positions[:3], four_d=False), ref[:3],
+                        segments[:3]) <= 1e-6
   apply = jax.jit(llama.make_forward(ckpt.config).apply)
   ours, _ = apply(ckpt.params, tokens, positions, segments)
   diff = _max_diff_real(ours, ref, segments)
-  print(f"{case}: max abs logits diff {diff:.2e} (logits up to {np.abs(ref).max():.1f})")
+  packed_diff = _max_diff_real(ours[3:], ref[3:], segments[3:])
+  print(f"{case}: max abs logits diff {diff:.2e}, packed row {packed_diff:.2e} (logits up to {np.abs(ref).max():.1f})")
   assert diff <= LOGITS_TOL
   # Padding handled through segment ids: ignoring them lets the left-padded row see its padding.
   unsegmented, _ = apply(ckpt.params, tokens, positions, np.ones_like(segments))
-  assert _max_diff_real(np.asarray(unsegmented)[2:], ref[2:], segments[2:]) > 100 * LOGITS_TOL
+  assert _max_diff_real(np.asarray(unsegmented)[2:3], ref[2:3], segments[2:3]) > 100 * LOGITS_TOL
+  # Documents of the packed row kept apart through segment ids: joined into one, the later ones see the first.
+  joined, _ = apply(ckpt.params, tokens, positions, _one_document(segments))
+  assert _max_diff_real(np.asarray(joined)[3:], ref[3:], segments[3:]) > 100 * LOGITS_TOL
   if counterfactual == "no_rope_scaling":
     assert ckpt.config.rope_scaling != "none"
     plain, _ = llama.make_forward(ckpt.config.replace(rope_scaling="none")).apply(
