@@ -54,6 +54,9 @@ TEST_REQUIRES = [
     # The harness's `local-completions` model (lm-eval's [api] extra) scores the test tasks through bin/serve.
     "lm-eval[api]>=0.4.9",
     "peft>=0.11",  # The reference for LoRA: adapters written here must load in peft, and peft's here.
+    # llama.cpp itself, built from source: its quantizer makes the K-quant test files and its runtime loads, tokenizes
+    # and scores the GGUF files bin/convert writes. README's test command builds it portably (CMAKE_ARGS).
+    "llama-cpp-python>=0.3.16",
     # References only: transformers' PyTorch LLaMA is the independent implementation we compare against.
     "torch==2.13.0",  # Pinned: its CPU wheel is what this project tests with; other versions pull CUDA builds.
     "transformers>=5.0",  # The tests read its v5 API (`dtype=`, `config.rope_parameters`).

@@ -1,17 +1,20 @@
 """The references tests compare with beyond a plain transformers model call: an HF copy of the SmolLM2 GGUF made by
 transformers once per machine (imported by tests/conftest.py and bench/generate.py, so both compare against the same
-files), torch.optim.AdamW training of a transformers model, transformers' greedy generation of one prompt, and our
-parameters of a transformers model.
+files), llama.cpp's HF -> GGUF converter, torch.optim.AdamW training of a transformers model, transformers' greedy
+generation of one prompt, and our parameters of a transformers model.
 """
 
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import tempfile
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SMOLLM2_GGUF = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA_CPP = SHARED / "tools" / "llama.cpp"
 CACHE = pathlib.Path(os.environ.get("LLAMA_HK_TEST_CACHE", pathlib.Path.home() / ".cache" / "llama_hk" / "tests"))
 
 
@@ -48,6 +51,15 @@ def smollm2_hf_dir(gguf: pathlib.Path = SMOLLM2_GGUF, cache: pathlib.Path = CACH
     shutil.rmtree(tmp)
     if not (out / "model.safetensors").exists():
       raise
+  return out
+
+
+def llama_cpp_convert(hf_dir: pathlib.Path, out: pathlib.Path, outtype: str) -> pathlib.Path:
+  """llama.cpp's convert_hf_to_gguf.py run on the HF directory."""
+  env = dict(os.environ, PYTHONPATH=f"{LLAMA_CPP / 'gguf-py'}:{LLAMA_CPP}")
+  proc = subprocess.run([sys.executable, str(LLAMA_CPP / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(out),
+                         "--outtype", outtype], env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
   return out
 
 

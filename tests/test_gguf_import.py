@@ -3,7 +3,6 @@ give transformers' GGUF loader's logits (the HF original's where the file has ro
 quantized tensors dequantize as gguf-py does; bad files are one-line errors."""
 
 import json
-import os
 import re
 import pathlib
 import shutil
@@ -22,9 +21,9 @@ from llama_hk.checkpoints import gguf as gguf_format
 from llama_hk.models import make_forward
 
 import harness
+from reference import llama_cpp_convert
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-LLAMA_CPP = REPO.parent / "shared" / "tools" / "llama.cpp"
 TEXTS = ["KING HENRY.\nOnce more unto the breach, dear friends, once more;",
          "  Or close the wall up with our English dead!",
          "In 1599, 42 actors — ¿qué? café 東京 don't they'll", "\n\nWhat's\tthis?  Éte\u0301 123456789 x"]
@@ -34,15 +33,6 @@ TOKENS = np.random.default_rng(0).integers(3, 1000, size=(2, 48))  # (B, T), ids
 SMOLLM2_PRE = {"type": "Sequence", "pretokenizers": [
     {"type": "Digits", "individual_digits": True},
     {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
-
-
-def llama_cpp_convert(hf_dir: pathlib.Path, out: pathlib.Path, outtype: str) -> pathlib.Path:
-  """llama.cpp's convert_hf_to_gguf.py run on the HF directory."""
-  env = dict(os.environ, PYTHONPATH=f"{LLAMA_CPP / 'gguf-py'}:{LLAMA_CPP}")
-  proc = subprocess.run([sys.executable, str(LLAMA_CPP / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile", str(out),
-                         "--outtype", outtype], env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return out
 
 
 def our_logits(path: pathlib.Path) -> np.ndarray:

@@ -2,7 +2,9 @@
 the tokenizer the metadata describes (rebuilt by tokenizers.from_gguf).
 
 Tensors keep llama.cpp's layout: HF's, except the Q and K rows that `params.iter_params` unpermutes (naming "gguf").
-A file is parsed once for its config, tokenizer and tensors (the last one opened stays memory-mapped).
+A file is parsed once for its config, tokenizer and tensors (the last one opened stays memory-mapped). Tensor bytes
+are read from the file, not through the mapping, so that pages of tensors already loaded do not stay in this
+process's resident memory beside the loaded copy.
 """
 
 import functools
@@ -91,10 +93,10 @@ class GgufFile:
         raise UserError(f"{path}: tensor {name} has unsupported GGUF type {kind} "
                         f"(supported: {', '.join(TENSOR_TYPES)})")
       if kind in ("F32", "F16"):
-        return np.asarray(t.data).reshape(tuple(int(n) for n in reversed(t.shape)))
+        return _read_rows(path, t).reshape(tuple(int(n) for n in reversed(t.shape)))
       if t.data.ndim == 1:
-        return gguf.quants.dequantize(t.data, t.tensor_type)
-      return _QuantizedRows(t)
+        return gguf.quants.dequantize(_read_rows(path, t), t.tensor_type)
+      return _QuantizedRows(path, t)
 
     return get
 
@@ -107,7 +109,8 @@ class _QuantizedRows:
   """A quantized matrix dequantized in blocks of about DEQUANTIZE_CHUNK values (params.RowBlocks): gguf-py's
   temporaries stay small, and a narrow load never holds the matrix whole in float32."""
 
-  def __init__(self, tensor):
+  def __init__(self, path: pathlib.Path, tensor):
+    self.path = path
     self.tensor = tensor
     self.shape = tuple(int(n) for n in reversed(tensor.shape))  # (rows, cols)
 
@@ -115,13 +118,27 @@ class _QuantizedRows:
     import gguf
     step = max(1, DEQUANTIZE_CHUNK // self.shape[-1])
     for start in range(0, self.shape[0], step):
-      yield start, gguf.quants.dequantize(self.tensor.data[start:start + step], self.tensor.tensor_type)
+      yield start, gguf.quants.dequantize(_read_rows(self.path, self.tensor, start, start + step),
+                                          self.tensor.tensor_type)
 
   def __array__(self, dtype=None, copy=None) -> np.ndarray:
     out = np.empty(self.shape, np.float32)
     for start, block in self.row_blocks():
       out[start:start + len(block)] = block
     return out if dtype is None else out.astype(dtype)
+
+
+def _read_rows(path: pathlib.Path, tensor, start: int = 0, stop: int | None = None) -> np.ndarray:
+  """Rows [start, stop) of a tensor's stored array (`tensor.data`'s dtype and shape), read into fresh memory: the
+  mapping's view gives only the layout, its pages are never touched."""
+  view = tensor.data
+  stop = len(view) if stop is None else min(stop, len(view))
+  row_bytes = view.strides[0]
+  out = np.fromfile(path, dtype=np.uint8, count=(stop - start) * row_bytes,
+                    offset=tensor.data_offset + start * row_bytes)
+  if out.size != (stop - start) * row_bytes:
+    raise UserError(f"{path}: truncated or corrupt GGUF file (tensor {tensor.name} is cut short)")
+  return out.view(view.dtype).reshape((stop - start,) + view.shape[1:])
 
 
 def _parse(path: pathlib.Path) -> _Parsed:
