@@ -76,6 +76,7 @@ def test_llama_cpp_quantized_files_give_transformers_gguf_logits(model_files, na
                                                                 dtype=torch.float32).eval()
   with torch.no_grad():
     expected = reference(torch.from_numpy(ids)).logits.numpy()
+  print(f"{name}: largest logit difference {np.abs(np.asarray(ours) - expected).max():.2e}")
   np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-4, rtol=0)
 
 

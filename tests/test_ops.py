@@ -127,6 +127,41 @@ def test_dense_computes_its_einsum():
                                        param_dtype="float32")).init(jax.random.key(0), x)
 
 
+@pytest.mark.parametrize("layout", [dense.WeightLayout(), dense.WeightLayout(out_in=True), platform.CPU_MATVEC_LAYOUT])
+def test_narrow_weight_too_big_to_convert_goes_in_column_blocks(monkeypatch, layout):
+  """A bfloat16 weight whose float32 copy passes CONVERT_BLOCK_BYTES is multiplied in blocks of output columns:
+  the product, the gradient and an int8 given (out, in) table's scaled product are the unblocked ones."""
+  rng = np.random.default_rng(17)
+  x = rng.standard_normal((3, 16)).astype(np.float32)  # (M, D)
+  table = rng.integers(-127, 128, (24, 16)).astype(np.int8)  # (V, D)
+  scale = rng.uniform(0.5, 1.5, 24).astype(np.float32)  # (V,)
+
+  def f(x):
+    y = dense.dense(x, "MD,DO->MO", "out_proj", sizes={"O": 12}, dtype="float32", param_dtype="bfloat16",
+                    init=hk.initializers.RandomNormal(), layout=layout)
+    head = dense.dense(x, "MD,VD->MV", "table", sizes={}, dtype="float32", param_dtype="float32",
+                       weight=table, weight_scale=scale)
+    return y, head
+
+  transformed = hk.without_apply_rng(hk.transform(f))
+  params = transformed.init(jax.random.key(0), x)
+  cotangents = rng.standard_normal((3, 12)).astype(np.float32), rng.standard_normal((3, 24)).astype(np.float32)
+  loss = lambda params, x: sum(jnp.sum(y * c) for y, c in zip(transformed.apply(params, x), cotangents))  # noqa: E731
+  whole = transformed.apply(params, x), jax.grad(loss, argnums=1)(params, x)
+  monkeypatch.setattr(dense, "CONVERT_BLOCK_BYTES", 4 * 16 * 4)  # Four float32 columns of D = 16 per block.
+  assert dense._column_blocks(12, 16 * 4) == 3 and dense._column_blocks(24, 16 * 4) == 6
+  assert dense._column_blocks(13, 16 * 4) == 1 and dense._column_blocks(2, 16 * 4) == 1  # 13: no divisor fits.
+  jaxpr = str(jax.make_jaxpr(transformed.apply)(params, x))
+  assert jaxpr.count("scan") == 2, jaxpr
+  blocked = transformed.apply(params, x), jax.grad(loss, argnums=1)(params, x)
+  w = np.asarray(params["~"]["out_proj"], np.float32)
+  w = w.T if layout.out_in else w  # (D, O)
+  np.testing.assert_allclose(whole[0][0], x @ w, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(whole[0][1], (x @ table.T.astype(np.float32)) * scale, atol=1e-3, rtol=0)
+  for expected, got in zip(jax.tree.leaves(whole), jax.tree.leaves(blocked)):
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)  # int8 products reach |y| ~ 300.
+
+
 def _config(**overrides) -> LlamaConfig:
   fields = dict(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48)
   return LlamaConfig(**{**fields, **overrides})

@@ -5,7 +5,9 @@ shape glossary's letters.
 
 int8 weights (param_dtype int8, params.py) are dequantized in the dot: the int8 weight is converted to the compute
 dtype inside the product's fusion, and the per-output-channel scale multiplies the product's columns afterwards,
-(x q) * s = x (q * s) exactly in real arithmetic, so no float copy of the weight is written.
+(x q) * s = x (q * s) exactly in real arithmetic. XLA:CPU writes the converted weight out before its matrix
+library call, so a narrow weight whose compute-dtype copy would pass CONVERT_BLOCK_BYTES (an 8B model's output
+head: 2 GiB in float32) is multiplied in blocks of output columns, converted one block at a time.
 """
 
 import dataclasses
@@ -18,6 +20,8 @@ import jax.numpy as jnp
 
 from llama_hk import params as param_table
 from llama_hk.ops import lora as lora_lib
+
+CONVERT_BLOCK_BYTES = 256 << 20  # The largest compute-dtype copy of a narrow weight that one product makes.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,27 +99,60 @@ def dense(x: jax.Array, spec: str, name: str, *, sizes: Mapping[str, int], dtype
   scale = weight_scale
   if weight is not None:
     out_in = w_axes != in_axes + w_out_axes
-    w = weight.astype(dtype)  # (out, in) or (in, out), as given
+    w = weight  # (out, in) or (in, out), as given
     out_shape = weight.shape[:1] if out_in else weight.shape[1:]
   else:
     out_in = layout.out_in
     out_shape = tuple(sizes[a] for a in w_out_axes)
     n_out = math.prod(out_shape)
     if out_in:
-      w = hk.get_parameter(name, [n_out, n_in], param_dtype, init=init).astype(dtype)  # (out, in)
+      w = hk.get_parameter(name, [n_out, n_in], param_dtype, init=init)  # (out, in)
     else:
-      w = hk.get_parameter(name, [*in_shape, *out_shape], param_dtype, init=init).astype(dtype)
+      w = hk.get_parameter(name, [*in_shape, *out_shape], param_dtype, init=init)
       w = w.reshape(n_in, n_out)  # (in, out)
     if jnp.dtype(param_dtype) == jnp.int8:
       scale = hk.get_parameter(f"{name}_scale", list(out_shape), jnp.float32, init=jnp.ones)
-  if not out_in:
-    y = jnp.einsum("MI,IO->MO", x, w, **einsum_kwargs)  # (M, out)
-  elif name in layout.library_matvec:
-    y = jnp.einsum("MI,OI->MO", x, w, **einsum_kwargs)  # (M, out)
-  else:
-    y = jnp.einsum("MI,IO->MO", x, w.T, **einsum_kwargs)  # (M, out)
+  y = _product(x, w, dtype, out_in, name in layout.library_matvec, einsum_kwargs)  # (M, out)
   if scale is not None:
     y = y * scale.reshape(-1).astype(y.dtype)  # (M, out)
   if lora is not None and weight is None and name in lora.weight_names:
     y = y + lora_lib.low_rank(x, name, in_shape, out_shape, lora, dtype)  # (M, out)
   return y.reshape(*lead, *out_shape)
+
+
+def _product(x: jax.Array, w: jax.Array, dtype, out_in: bool, as_lies: bool, einsum_kwargs) -> jax.Array:
+  """x (M, in) times w, stored (out, in) if out_in else (in, out), cast to `dtype`: (M, out). An `out_in` weight
+  is contracted as its transpose (which XLA streams) unless `as_lies`. A narrow weight too big to convert whole
+  goes in blocks of output columns (a scan whose body is rematerialized, so its gradient keeps no converted
+  block either)."""
+  out_axis = 0 if out_in else 1
+  n_out = w.shape[out_axis]
+  blocks = _column_blocks(n_out, w.shape[1 - out_axis] * jnp.dtype(dtype).itemsize) if w.dtype != dtype else 1
+
+  def product(w_block):  # (out', in) or (in, out') -> (M, out')
+    w_block = w_block.astype(dtype)
+    if not out_in:
+      return jnp.einsum("MI,IO->MO", x, w_block, **einsum_kwargs)
+    if as_lies:
+      return jnp.einsum("MI,OI->MO", x, w_block, **einsum_kwargs)
+    return jnp.einsum("MI,IO->MO", x, w_block.T, **einsum_kwargs)
+
+  if blocks == 1:
+    return product(w)
+  width = n_out // blocks
+
+  @jax.checkpoint
+  def block(_, i):
+    return None, product(jax.lax.dynamic_slice_in_dim(w, i * width, width, axis=out_axis))  # (M, out')
+
+  _, ys = jax.lax.scan(block, None, jnp.arange(blocks))  # (blocks, M, out')
+  return jnp.moveaxis(ys, 0, 1).reshape(x.shape[0], n_out)  # (M, out)
+
+
+def _column_blocks(n_out: int, column_bytes: int) -> int:
+  """The fewest blocks, dividing n_out evenly, whose converted copy is at most CONVERT_BLOCK_BYTES (1 when the
+  whole fits, or when no divisor of n_out would)."""
+  least = -(-n_out * column_bytes // CONVERT_BLOCK_BYTES)
+  if least <= 1:
+    return 1
+  return next((b for b in range(least, n_out // 2 + 1) if n_out % b == 0), 1)
