@@ -353,6 +353,7 @@ def iter_params(get: Callable[[str], np.ndarray], config: LlamaConfig, naming: s
       if quantized:
         scale_leaf.set(i, scale)
       leaf.set(i, converted.astype(leaf_dtype(p, config), copy=False))
+      del converted  # Not kept alive beside the leaf while it is yielded (a transposed one was copied).
     yield p.module, p.name, leaf.finish()
     if quantized:
       yield s.module, s.name, scale_leaf.finish()

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from llama_hk.config import LlamaConfig, num_params
 from llama_hk.errors import UserError
-from llama_hk.ops.dense import WeightLayout
+from llama_hk.ops.dense import WeightLayout, as_bits
 
 # Batch-1 decoding on XLA:CPU: matrix-vector products that stream (out, in) weights (see WeightLayout). The
 # out-projection alone is a library call: it follows the attention's run of small single-threaded steps, after
@@ -46,6 +46,14 @@ def decode_plan(config: LlamaConfig, batch: int, mesh=None) -> DecodePlan:
   copy_fits = 2 * num_params(config) * jnp.dtype(config.param_dtype).itemsize <= host_memory_bytes() // 2
   layout = CPU_MATVEC_LAYOUT if cpu and batch == 1 and mesh is None and copy_fits else WeightLayout()
   return DecodePlan(layout=layout, chunk_steps=32 if cpu and narrow else 1)
+
+
+def inference_params(config: LlamaConfig, params):
+  """params as inference (decoding, scoring) reads them on this backend: on XLA:CPU with float32 compute, bfloat16
+  weights as their bits (ops.dense.as_bits, in place), which XLA:CPU slices without a float32 copy of the whole."""
+  if jax.default_backend() == "cpu" and config.compute_dtype == "float32":
+    return as_bits(params)
+  return params
 
 
 def host_memory_bytes() -> int:

@@ -162,6 +162,15 @@ def put_global(array: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax
   return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+def view_as(array, dtype) -> jax.Array:
+  """The same buffers read as another dtype of the same width (bfloat16 <-> uint16), shard by shard, not copied
+  (on CPU devices, whose buffers NumPy views in place). NumPy arrays are viewed as NumPy."""
+  if isinstance(array, np.ndarray):
+    return array.view(dtype)
+  shards = [jax.device_put(np.asarray(shard.data).view(dtype), shard.device) for shard in array.addressable_shards]
+  return jax.make_array_from_single_device_arrays(array.shape, array.sharding, shards)
+
+
 @contextlib.contextmanager
 def axis_rules(mesh: Mesh | None, rules=None):
   """Within this context, `constrain` lays activations out on `mesh` by `rules` (logical -> mesh axes); with no

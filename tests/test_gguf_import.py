@@ -211,6 +211,24 @@ def test_narrow_loads_of_quantized_matrices_go_block_by_block(kquant_model, writ
     for module in tree:
       for name, leaf in tree[module].items():
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(expected[module][name]), err_msg=f"{module}/{name}")
+  on_device = checkpoints.load(path, dtype="bfloat16").params  # Stacks assembled on the device as their bits.
+  for module in bf16:
+    for name, leaf in bf16[module].items():
+      assert on_device[module][name].dtype == ml_dtypes.bfloat16, (module, name)
+      np.testing.assert_array_equal(np.asarray(on_device[module][name]), leaf, err_msg=f"{module}/{name}")
+
+
+def test_bfloat16_stack_is_assembled_on_device_without_a_float32_copy():
+  """XLA:CPU updates a layer of a bfloat16 buffer through a float32 copy of the whole (L, ...) stack; DeviceLeaf
+  writes the layers into a uint16 buffer of the same bits, whose update has no float32 at all."""
+  import ml_dtypes
+  from llama_hk.checkpoints import leaves
+
+  leaf = leaves.DeviceLeaf("decoder/mlp", "gate_proj", (4, 64, 96), ml_dtypes.bfloat16)
+  layer = np.zeros((64, 96), leaf.array.dtype)
+  assert "f32" not in leaves._set_layer(None).lower(leaf.array, layer, 0).compile().as_text()
+  assert "f32" in leaves._set_layer(None).lower(leaf.array.astype(ml_dtypes.bfloat16), layer.astype(
+      ml_dtypes.bfloat16), 0).compile().as_text()  # What the bits avoid, on this backend.
 
 
 SPLIT_TEXT = "Hello's WORLD'LL 12345 x+=1;\n\n  ça  va?\r\n"

@@ -191,6 +191,25 @@ def test_to_layout_keeps_names_and_flattens_matrices_out_in():
   assert dense.to_layout(params, dense.WeightLayout()) is params
 
 
+def test_bfloat16_weights_read_as_bits_give_their_logits_without_float32_stacks():
+  """platform.inference_params on CPU: bfloat16 matrices and embedding table as uint16 views of the same buffers,
+  the logits exactly the bfloat16 weights', and no float32 copy of a whole (L, ...) stack in the compiled forward
+  (which XLA:CPU makes from bfloat16 stacks)."""
+  config = _config(param_dtype="bfloat16", tie_embeddings=True)
+  tokens = np.random.default_rng(16).integers(0, config.vocab_size, (2, 9)).astype(np.int32)
+  params = jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.bfloat16), _random_params(config, seed=4))
+  bits = platform.inference_params(config, params)
+  gate, table = bits["decoder/mlp"]["gate_proj"], bits["embedding"]["embeddings"]
+  assert gate.dtype == table.dtype == jnp.uint16 and bits["decoder/input_norm"]["scale"].dtype == jnp.bfloat16
+  assert gate.unsafe_buffer_pointer() == params["decoder/mlp"]["gate_proj"].unsafe_buffer_pointer()
+  forward = jax.jit(llama.make_forward(config).apply)
+  np.testing.assert_array_equal(forward(bits, tokens)[0], forward(params, tokens)[0])
+  stack = "f32[2,32,48]"  # gate_proj's (L, D, F) in float32.
+  assert stack in forward.lower(params, tokens).compile().as_text()
+  assert stack not in forward.lower(bits, tokens).compile().as_text()
+  assert platform.inference_params(config.replace(compute_dtype="bfloat16"), params) is params
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, tied", [("cpu_matvec", False), ("out_in", True)])
 def test_weight_layouts_give_the_stored_layouts_logits(name, tied):

@@ -27,7 +27,7 @@ from lm_eval.models.utils import (Collator, handle_stop_sequences, has_bos_prefi
                                   postprocess_generated_text)
 from tqdm import tqdm
 
-from llama_hk import sharding
+from llama_hk import platform, sharding
 from llama_hk.config import LlamaConfig
 from llama_hk.errors import UserError
 from llama_hk.inference import decode
@@ -83,6 +83,7 @@ class LlamaHkLM(TemplateLM):
       raise UserError(f"max_length={max_length}: must be in [2, the model's max_seq_len {config.max_seq_len}]")
     self.config, self.tokenizer, self.mesh, self.lora = config, tokenizer, mesh, lora
     self.params = jax.device_put(params, None if mesh is None else sharding.param_shardings(config, mesh, lora=lora))
+    self._scoring_params = platform.inference_params(config, self.params)  # The same buffers.
     self._batch_size = -(-batch_size // shards) * shards
     self._max_length = max_length
     self._max_gen_toks = int(max_gen_toks)
@@ -169,7 +170,7 @@ class LlamaHkLM(TemplateLM):
                                               desc="loglikelihood requests") as progress:
       for time, batch in self._batches(rows):
         *arrays, spans = self._score_batch(rows, time, batch)
-        logprob, greedy = score(self.params, *(sharding.put_global(a, batch_sharding) for a in arrays))
+        logprob, greedy = score(self._scoring_params, *(sharding.put_global(a, batch_sharding) for a in arrays))
         logprob, greedy = _host(logprob), _host(greedy)
         for r, i, span in spans:
           results[i] = (float(np.sum(logprob[r, span], dtype=np.float64)), bool(np.all(greedy[r, span])))

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 import jax
 import numpy as np
 
-from llama_hk import sharding
+from llama_hk import platform, sharding
 from llama_hk.config import LlamaConfig
 from llama_hk.data.batch import empty_batch
 from llama_hk.errors import UserError
@@ -64,6 +64,7 @@ def score(config: LlamaConfig, params, batches: Iterable[dict[str, np.ndarray]],
   expected sharded on it and each batch is split over its batch axes. With `lora`, params hold the adapter beside
   the base (ops.lora.combine)."""
   step = _eval_step(config, lora)
+  params = platform.inference_params(config, params)
   batch_sharding = None if mesh is None else sharding.batch_sharding(mesh)
   total, count = 0.0, 0.0
   with sharding.axis_rules(mesh):

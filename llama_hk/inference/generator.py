@@ -134,7 +134,8 @@ class Generator:
     self.mesh = mesh
     self.tokenizer = tokenizer
     self.max_batch = max_batch
-    self.params = jax.device_put(params, None if mesh is None else sharding.param_shardings(config, mesh))
+    self.params = platform.inference_params(
+        config, jax.device_put(params, None if mesh is None else sharding.param_shardings(config, mesh)))
     batches = [1 << i for i in range(decode.batch_bucket(max_batch).bit_length())]  # Every padded batch size.
     self._plans = {batch: platform.decode_plan(config, batch, mesh) for batch in batches}
     if chunk_steps is not None:

@@ -159,7 +159,7 @@ class Llama(_Module):
       scale = None  # int8 weights: each row's float32 scale, applied to the gathered rows.
       if c.param_dtype == "int8":
         scale = hk.get_parameter("embeddings_scale", [c.vocab_size], jnp.float32, init=jnp.ones)  # (V,)
-    x = jnp.take(embeddings, tokens, axis=0).astype(c.compute_dtype)  # (B, T, D)
+    x = dense.widen(jnp.take(embeddings, tokens, axis=0), c.compute_dtype)  # (B, T, D)
     if scale is not None:
       x = x * jnp.take(scale, tokens, axis=0)[..., None].astype(c.compute_dtype)  # (B, T, D)
     x = sharding.constrain(x, ("act_batch", "act_length", "act_embed"))

@@ -8,6 +8,10 @@ dtype inside the product's fusion, and the per-output-channel scale multiplies t
 (x q) * s = x (q * s) exactly in real arithmetic. XLA:CPU writes the converted weight out before its matrix
 library call, so a narrow weight whose compute-dtype copy would pass CONVERT_BLOCK_BYTES (an 8B model's output
 head: 2 GiB in float32) is multiplied in blocks of output columns, converted one block at a time.
+
+bfloat16 weights may come as their bits (uint16, `as_bits`): XLA:CPU computes no bfloat16 slicing or gathering
+itself and converts the whole operand to float32 first (an (L, ...) stack sliced in the layer scan: 30 GiB for an
+8B model), where uint16 is sliced as it lies; `widen` gives the exact float32 value of each sliced block.
 """
 
 import dataclasses
@@ -17,8 +21,10 @@ from collections.abc import Mapping
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llama_hk import params as param_table
+from llama_hk import sharding
 from llama_hk.ops import lora as lora_lib
 
 CONVERT_BLOCK_BYTES = 256 << 20  # The largest compute-dtype copy of a narrow weight that one product makes.
@@ -130,7 +136,7 @@ def _product(x: jax.Array, w: jax.Array, dtype, out_in: bool, as_lies: bool, ein
   blocks = _column_blocks(n_out, w.shape[1 - out_axis] * jnp.dtype(dtype).itemsize) if w.dtype != dtype else 1
 
   def product(w_block):  # (out', in) or (in, out') -> (M, out')
-    w_block = w_block.astype(dtype)
+    w_block = widen(w_block, dtype)
     if not out_in:
       return jnp.einsum("MI,IO->MO", x, w_block, **einsum_kwargs)
     if as_lies:
@@ -156,3 +162,22 @@ def _column_blocks(n_out: int, column_bytes: int) -> int:
   if least <= 1:
     return 1
   return next((b for b in range(least, n_out // 2 + 1) if n_out % b == 0), 1)
+
+
+def widen(w: jax.Array, dtype) -> jax.Array:
+  """w in the compute dtype; a uint16 w holds bfloat16 bits (as_bits), which are float32's upper half."""
+  if w.dtype == jnp.uint16:
+    return jax.lax.bitcast_convert_type(w.astype(jnp.uint32) << 16, jnp.float32).astype(dtype)
+  return w.astype(dtype)
+
+
+def as_bits(params: Mapping) -> Mapping:
+  """`params` with each bfloat16 matrix weight and embedding table as its uint16 bits, for inference (nothing
+  differentiates through bits), viewed in place (sharding.view_as); leaves outside the parameter table (a
+  LoRA adapter's) stay as they are."""
+  def bits(row: param_table.Param, leaf):
+    if not (row.is_matmul or row.name == "embeddings") or leaf.dtype != jnp.bfloat16:
+      return leaf
+    return sharding.view_as(leaf, np.uint16)
+  return {module: {name: bits(param_table.BY_NAME[(module, name)], leaf) if (module, name) in param_table.BY_NAME
+                   else leaf for name, leaf in leaves.items()} for module, leaves in params.items()}
