@@ -4,6 +4,7 @@ files), llama.cpp's HF -> GGUF converter, torch.optim.AdamW training of a transf
 generation of one prompt, and our parameters of a transformers model.
 """
 
+import json
 import os
 import pathlib
 import shutil
@@ -52,6 +53,27 @@ def smollm2_hf_dir(gguf: pathlib.Path = SMOLLM2_GGUF, cache: pathlib.Path = CACH
     if not (out / "model.safetensors").exists():
       raise
   return out
+
+
+# SmolLM2's own tokenizer.json pre-tokenizer (digits one by one, then GPT-2's byte-level split); transformers' GGUF
+# loader, which made the cached HF copy, leaves the digits out, and llama.cpp's converter names a BPE vocabulary by
+# what its pre-tokenizer makes of a fixed text.
+SMOLLM2_PRE = {"type": "Sequence", "pretokenizers": [
+    {"type": "Digits", "individual_digits": True},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+
+
+def write_hf_dir(model, tokenizer_dir: pathlib.Path, hf_dir: pathlib.Path) -> pathlib.Path:
+  """A transformers model saved with the tokenizer files of `tokenizer_dir` (a BPE tokenizer.json given
+  SmolLM2's own pre-tokenizer), as llama.cpp's converter takes it."""
+  model.save_pretrained(hf_dir)
+  for file in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+    if (tokenizer_dir / file).is_file():
+      shutil.copy(tokenizer_dir / file, hf_dir / file)
+  if (hf_dir / "tokenizer.json").is_file():
+    tokenizer = json.loads((hf_dir / "tokenizer.json").read_text())
+    (hf_dir / "tokenizer.json").write_text(json.dumps({**tokenizer, "pre_tokenizer": SMOLLM2_PRE}))
+  return hf_dir
 
 
 def llama_cpp_convert(hf_dir: pathlib.Path, out: pathlib.Path, outtype: str) -> pathlib.Path:

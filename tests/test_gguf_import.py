@@ -2,10 +2,8 @@
 give transformers' GGUF loader's logits (the HF original's where the file has rope_freqs) and AutoTokenizer's ids;
 quantized tensors dequantize as gguf-py does; bad files are one-line errors."""
 
-import json
 import re
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -21,18 +19,14 @@ from llama_hk.checkpoints import gguf as gguf_format
 from llama_hk.models import make_forward
 
 import harness
-from reference import llama_cpp_convert
+from reference import llama_cpp_convert, write_hf_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TEXTS = ["KING HENRY.\nOnce more unto the breach, dear friends, once more;",
          "  Or close the wall up with our English dead!",
          "In 1599, 42 actors — ¿qué? café 東京 don't they'll", "\n\nWhat's\tthis?  Éte\u0301 123456789 x"]
 TOKENS = np.random.default_rng(0).integers(3, 1000, size=(2, 48))  # (B, T), ids below every vocabulary's size.
-# SmolLM2's own tokenizer.json pre-tokenizer (digits one by one, then GPT-2's byte-level split); transformers' GGUF
-# loader, which made the fixture's copy, leaves the digits out.
-SMOLLM2_PRE = {"type": "Sequence", "pretokenizers": [
-    {"type": "Digits", "individual_digits": True},
-    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+
 
 
 def our_logits(path: pathlib.Path) -> np.ndarray:
@@ -51,6 +45,9 @@ def transformers_gguf_logits(path: pathlib.Path) -> np.ndarray:
   return hf_logits(model.eval())
 
 
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # Every --outtype of llama.cpp's converter; its quantizer: test_llama_cpp.py.
+
+
 @pytest.fixture(scope="module")
 def converted(tiny_hf_model, shakespeare_tokenizer_dir, smollm2_hf_dir, tmp_path_factory):
   """Random HF checkpoints and llama.cpp's GGUF files of them: name -> (HF dir, HF model, {outtype: gguf path})."""
@@ -61,25 +58,19 @@ def converted(tiny_hf_model, shakespeare_tokenizer_dir, smollm2_hf_dir, tmp_path
                                               high_freq_factor=4.0, original_max_position_embeddings=64))
   bpe = tiny_hf_model(seed=3, vocab_size=49152, hidden_size=32, intermediate_size=48, num_attention_heads=4,
                       num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-  plan = {"spm": (spm, shakespeare_tokenizer_dir, ("f32", "bf16", "q8_0")),
+  plan = {"spm": (spm, shakespeare_tokenizer_dir, OUTTYPES),
           "llama3": (llama3, shakespeare_tokenizer_dir, ("f32",)),
-          "smollm": (bpe, smollm2_hf_dir, ("f16",))}
+          "smollm": (bpe, smollm2_hf_dir, OUTTYPES)}
   out = {}
   for name, (model, tokenizer_dir, outtypes) in plan.items():
-    hf_dir = root / name
-    model.save_pretrained(hf_dir)
-    for file in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
-      if (tokenizer_dir / file).is_file():
-        shutil.copy(tokenizer_dir / file, hf_dir / file)
-    if name == "smollm":
-      tokenizer = json.loads((hf_dir / "tokenizer.json").read_text())
-      (hf_dir / "tokenizer.json").write_text(json.dumps({**tokenizer, "pre_tokenizer": SMOLLM2_PRE}))
+    hf_dir = write_hf_dir(model, tokenizer_dir, root / name)
     out[name] = (hf_dir, model, {t: llama_cpp_convert(hf_dir, root / f"{name}_{t}.gguf", t) for t in outtypes})
   return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,outtype", [("spm", "f32"), ("spm", "bf16"), ("spm", "q8_0"), ("smollm", "f16")])
+@pytest.mark.parametrize("outtype", OUTTYPES)
+@pytest.mark.parametrize("name", ["spm", "smollm"])
 def test_llama_cpp_files_give_transformers_gguf_logits(converted, name, outtype):
   """GQA, untied (spm) and tied (smollm) checkpoints in each outtype: our logits are transformers' GGUF loader's on
   the same file."""

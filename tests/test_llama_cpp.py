@@ -3,7 +3,6 @@ quantizer read as transformers' GGUF loader reads them, and the GGUF files `bin/
 score in llama.cpp as in llama_hk."""
 
 import ctypes
-import shutil
 import sys
 
 import numpy as np
@@ -13,7 +12,7 @@ from llama_hk import checkpoints
 from llama_hk.models import make_forward
 
 import harness
-from reference import llama_cpp_convert
+from reference import llama_cpp_convert, write_hf_dir
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the test extra) is not installed")
 
@@ -35,17 +34,19 @@ def quantize(source, out, ftype: int):
 
 
 @pytest.fixture(scope="module")
-def model_files(tiny_hf_model, shakespeare_tokenizer_dir, tmp_path_factory):
+def model_files(tiny_hf_model, shakespeare_tokenizer_dir, smollm2_hf_dir, tmp_path_factory):
   """A random GQA checkpoint (sentencepiece vocabulary), llama.cpp's f32 GGUF of it and that file quantized by
-  llama.cpp, and our f32 and q8_0 exports: name -> path, plus "hf" -> the HF directory."""
+  llama.cpp, and our f32 and q8_0 exports: name -> path, plus "hf" -> the HF directory; and a tied one with
+  SmolLM2's BPE vocabulary, quantized the same ("bpe_" names)."""
   root = tmp_path_factory.mktemp("llama_cpp")
-  hf_dir = root / "hf"
-  tiny_hf_model(seed=4, **FIELDS).save_pretrained(hf_dir)
-  for file in ("tokenizer.model", "tokenizer_config.json"):
-    shutil.copy(shakespeare_tokenizer_dir / file, hf_dir / file)
-  files = {"hf": hf_dir, "f32": llama_cpp_convert(hf_dir, root / "f32.gguf", "f32")}
-  for name, (ftype, _) in QUANTIZED.items():
-    files[name] = quantize(files["f32"], root / f"{name}.gguf", ftype)
+  hf_dir = write_hf_dir(tiny_hf_model(seed=4, **FIELDS), shakespeare_tokenizer_dir, root / "hf")
+  bpe_dir = write_hf_dir(tiny_hf_model(seed=5, **{**FIELDS, "vocab_size": 49152}, tie_word_embeddings=True,
+                                       bos_token_id=1, eos_token_id=2), smollm2_hf_dir, root / "bpe_hf")
+  files = {"hf": hf_dir}
+  for prefix, source in (("", hf_dir), ("bpe_", bpe_dir)):
+    files[f"{prefix}f32"] = llama_cpp_convert(source, root / f"{prefix}f32.gguf", "f32")
+    for name, (ftype, _) in QUANTIZED.items():
+      files[prefix + name] = quantize(files[f"{prefix}f32"], root / f"{prefix}{name}.gguf", ftype)
   children = [([sys.executable, harness.REPO / "bin" / "convert", f"--input={hf_dir}", "--output_format=gguf",
                 f"--gguf_type={t}", f"--output={root / f'ours_{t}.gguf'}"], {}) for t in ("f32", "q8_0")]
   for proc in harness.run_children(children, timeout=300):
@@ -59,14 +60,15 @@ def _text_ids(shakespeare_dir, tokenizer) -> list[int]:
 
 
 @pytest.mark.parametrize("name", list(QUANTIZED))
-def test_llama_cpp_quantized_files_give_transformers_gguf_logits(model_files, name, shakespeare_dir):
-  """Q4_K_M (Q4_K with Q6_K rows) and Q6_K files from llama.cpp's quantizer: our logits equal transformers' GGUF
-  loader's on the same file."""
+@pytest.mark.parametrize("prefix", ["", "bpe_"])
+def test_llama_cpp_quantized_files_give_transformers_gguf_logits(model_files, prefix, name, shakespeare_dir):
+  """Q4_K_M (Q4_K with Q6_K rows) and Q6_K files from llama.cpp's quantizer, of the sentencepiece and the tied
+  SmolLM2-BPE model: our logits equal transformers' GGUF loader's on the same file."""
   import gguf
   import torch
   import transformers
 
-  path = model_files[name]
+  path = model_files[prefix + name]
   types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
   assert QUANTIZED[name][1] in types, types
   ckpt = checkpoints.load(path)
@@ -76,7 +78,7 @@ def test_llama_cpp_quantized_files_give_transformers_gguf_logits(model_files, na
                                                                 dtype=torch.float32).eval()
   with torch.no_grad():
     expected = reference(torch.from_numpy(ids)).logits.numpy()
-  print(f"{name}: largest logit difference {np.abs(np.asarray(ours) - expected).max():.2e}")
+  print(f"{prefix}{name}: largest logit difference {np.abs(np.asarray(ours) - expected).max():.2e}")
   np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-4, rtol=0)
 
 
