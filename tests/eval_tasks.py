@@ -99,3 +99,14 @@ def write_tasks(directory: pathlib.Path) -> pathlib.Path:
         - metric: exact_match
       """))
   return directory
+
+
+def assert_same_response(task: str, doc_id, x, y) -> None:
+  """One request's responses from two backends agree: a choice's log-likelihood within 1e-4 and its is-greedy flag
+  equal (hk_mc), a rolling log-likelihood within 1e-4 (hk_rolling), a generated text equal (hk_gen)."""
+  if task == "hk_mc":
+    assert abs(x[0] - y[0]) <= 1e-4 and x[1] == y[1], (task, doc_id, x, y)
+  elif task == "hk_rolling":
+    assert abs(x - y) <= 1e-4, (task, doc_id, x, y)
+  else:
+    assert x == y, (task, doc_id, x, y)

@@ -7,7 +7,7 @@ import shutil
 import sys
 
 import pytest
-from eval_tasks import GEN, MC_TEST, ROLLING, TASKS, write_tasks
+from eval_tasks import GEN, MC_TEST, ROLLING, TASKS, assert_same_response, write_tasks
 from harness import REPO, devices, run_children, run_group
 
 MAX_LENGTH = 32  # The tiny model's positions: few-shot contexts, rolling texts and prompts are cut to fit.
@@ -83,12 +83,7 @@ def assert_same_results(ours: dict, theirs: dict, tasks=TASKS) -> None:
     for a, b in zip(mine, reference):
       assert a["arguments"] == b["arguments"], task
       for (x,), (y,) in zip(a["resps"], b["resps"], strict=True):
-        if task == "hk_mc":
-          assert abs(x[0] - y[0]) <= 1e-4 and x[1] == y[1], (task, a["doc_id"], x, y)
-        elif task == "hk_rolling":
-          assert abs(x - y) <= 1e-4, (task, a["doc_id"], x, y)
-        else:
-          assert x == y, (task, a["doc_id"], x, y)
+        assert_same_response(task, a["doc_id"], x, y)
     metrics, expected = ours["results"][task], theirs["results"][task]
     for name in ("acc,none", "acc_norm,none", "exact_match,none"):
       if name in expected:
