@@ -28,10 +28,11 @@ class DeviceLeaf:
   def __init__(self, module: str, name: str, shape: tuple[int, ...], dtype, sharding: NamedSharding | None = None):
     self.sharding = sharding
     self.array = None
-    # A bfloat16 stack is assembled as its bits: XLA:CPU updates a bfloat16 buffer through a float32 copy of it all.
     self.dtype = np.dtype(dtype)
-    self.bits = self.dtype == jnp.bfloat16
-    if params.BY_NAME[(module, name)].stacked:  # (L, ...): a buffer the layers are written into.
+    stacked = params.BY_NAME[(module, name)].stacked
+    # A bfloat16 stack is assembled as its bits: XLA:CPU updates a bfloat16 buffer through a float32 copy of it all.
+    self.bits = stacked and self.dtype == jnp.bfloat16
+    if stacked:  # (L, ...): a buffer the layers are written into.
       self.array = _zeros(tuple(shape), np.dtype(np.uint16) if self.bits else self.dtype, sharding)()
 
   def set(self, layer: int | None, value: np.ndarray) -> None:
@@ -44,7 +45,7 @@ class DeviceLeaf:
     self.array = _set_layer(self.sharding)(self.array, sharding_lib.put_global(value, layer_sharding), layer)
 
   def finish(self) -> jax.Array:
-    return sharding_lib.view_as(self.array, self.dtype) if self.array.dtype != self.dtype else self.array
+    return sharding_lib.view_as(self.array, self.dtype) if self.bits else self.array
 
 
 @functools.cache
