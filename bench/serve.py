@@ -3,14 +3,15 @@ same HF copy of SmolLM2-135M (float32, CPU), through the official openai client.
 
 The load is fixed: request i has a prompt of consecutive words of King Lear (about 16, 48 or 96 tokens, by i mod 3)
 and max_tokens 8, 16, 24 or 16 (by i mod 4), greedy, streamed; --concurrency streams at a time (asyncio). Each load
-is preceded by a warm-up round of `concurrency` of its requests (our server compiles each batch bucket once; JAX's
-persistent cache keeps them across runs). Reported per server and concurrency: output tokens/s (completion tokens
+is preceded by a warm-up round of max(concurrency, 12) of its requests, every kind of the mix (our server
+compiles each prompt and batch bucket once; JAX's persistent cache keeps them across runs). Reported per server and concurrency: output tokens/s (completion tokens
 over the wall time), requests/s, p50 and p95 time to first token, and each stream's decode rate (tokens after the
 first over the time from first to last); then our / transformers' ratios, and bin/generate's batch-1 decode tokens/s
-beside our one-stream decode rate. transformers' server takes the first --transformers_requests requests of the same
-mix (a bound on the run's time). Loopback only; every wait bounded.
+beside our one-stream decode rate. transformers' server takes the same requests, or the first
+--transformers_requests of them (a bound on the run's time: fewer requests fill its batch less). Loopback only;
+every wait bounded.
 
-  python bench/serve.py [--requests=64] [--transformers_requests=16] [--concurrency=1,4,16] [--max_seq_len=512]
+  python bench/serve.py [--requests=64] [--transformers_requests=N] [--concurrency=1,4,16] [--max_seq_len=512]
 """
 
 import argparse
@@ -34,6 +35,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PLAYS = REPO.parent / "shared" / "data" / "shakespeare"
 PROMPT_WORDS = (12, 36, 72)  # About 16, 48 and 96 tokens.
 OUTPUT_TOKENS = (8, 16, 24, 16)
+WARM_UP = len(PROMPT_WORDS) * len(OUTPUT_TOKENS)  # Requests in a warm-up round at least: the mix's every kind.
 STARTUP_S = 600
 REQUEST_S = 900
 
@@ -97,7 +99,9 @@ async def load(url: str, model: str, requests: list[tuple[str, int]], concurrenc
       return await one(client, model, prompt, n)
 
   try:
-    await asyncio.gather(*(gated(p, n) for p, n in requests[:concurrency]))  # Warm-up: compiles this batch size.
+    # Warm-up: every prompt length and output length of the mix, at this concurrency (our server compiles each
+    # prompt bucket and batch bucket once; transformers' warms up alike).
+    await asyncio.gather(*(gated(p, n) for p, n in requests[:max(concurrency, WARM_UP)]))
     started = time.perf_counter()
     results = await asyncio.wait_for(asyncio.gather(*(gated(p, n) for p, n in requests)), REQUEST_S)
     wall = time.perf_counter() - started
@@ -139,7 +143,7 @@ def generate_decode(hf_dir: pathlib.Path, prompt: str) -> float:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--requests", type=int, default=64)
-  parser.add_argument("--transformers_requests", type=int, default=16)
+  parser.add_argument("--transformers_requests", type=int, help="default: --requests")
   parser.add_argument("--concurrency", default="1,4,16")
   parser.add_argument("--max_seq_len", type=int, default=512)
   parser.add_argument("--output_json")
@@ -154,7 +158,7 @@ def main():
   port = free_port()
   theirs = run_server(["transformers", "serve", "--continuous-batching", "--device=cpu", "--dtype=float32",
                        f"--port={port}", "--host=127.0.0.1", str(hf_dir)], f"http://127.0.0.1:{port}", str(hf_dir),
-                      requests[:args.transformers_requests], levels)
+                      requests[:args.transformers_requests or args.requests], levels)
   reference = generate_decode(hf_dir, requests[1][0])
   cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
              platform.processor())

@@ -3,9 +3,10 @@
 One background thread owns the cache and every compiled call. The running batch is bucketed by occupancy (1, 2,
 4, ... rows, at most `decode.batch_bucket(max_batch)`), so a lone stream decodes on the batch-1 path (the
 platform's batch-1 weight layout included); the cache keeps `decode.bucket(max_seq_len)` slots per row, so every
-length compiles once. A new request is prefilled alone (batch 1, its prompt's bucket) and written into a free
-row, joining at the next decode call; a row that finishes or is cancelled frees its row at once, and when the
-rows in use fit a smaller bucket they are gathered into it. Requests beyond the rows wait in a bounded queue.
+length compiles once. New requests are prefilled together (up to PREFILL_ROWS, a power of two, in their longest
+prompt's bucket) and written into free rows, joining at the next decode call; a row that finishes or is
+cancelled frees its row at once, and when no request waits and the rows in use fit a smaller bucket they are
+gathered into it. Requests beyond the rows wait in a bounded queue.
 
 Each row samples with its own fields (temperature, top-k, top-p) and key: the k-th token of a sequence is drawn
 with fold_in(fold_in(key(seed), choice), k), so what a row produces does not depend on what else is in the
@@ -34,6 +35,7 @@ from llama_hk.inference.sampling import argmax, sample_rows, scaled_logits
 from llama_hk.models import KVCache, init_cache, make_forward
 from llama_hk.ops.dense import WeightLayout
 
+PREFILL_ROWS = 4  # The most new sequences prefilled in one call (1, 2 or 4: a few compiles per prompt bucket).
 MAX_TOP_LOGPROBS = 20  # Alternatives computed per token when a row asks for log-probabilities (OpenAI's limit).
 
 
@@ -119,11 +121,11 @@ def _pick(logits, fields: RowFields, step, sampled: bool, top_n: int):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampled", "top_n"))
-def prefill_row(params, tokens, length, fields: RowFields, *, config, sampled: bool, top_n: int):
-  """One prompt (1, T), right-padded to its bucket, into a cache of T slots; samples its first token.
+def prefill_rows(params, tokens, lengths, fields: RowFields, *, config, sampled: bool, top_n: int):
+  """Prompts (B, T), right-padded to their bucket, into a cache of T slots; samples each one's first token.
 
   Returns the cache and _pick's four outputs."""
-  logits, cache = decode.prefill_logits(params, tokens, length, config, tokens.shape[1])  # (1, V)
+  logits, cache = decode.prefill_logits(params, tokens, lengths, config, tokens.shape[1])  # (B, V)
   return cache, *_pick(logits, fields, 0, sampled, top_n)
 
 
@@ -139,18 +141,31 @@ def prompt_logprobs(params, tokens, temperature, *, config, top_n: int):
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
-def insert_row(cache: KVCache, row_cache: KVCache, row) -> KVCache:
-  """A prefilled row's cache (1 row, T <= S slots) written into row `row` of the shared cache, in place."""
-  at = (0, row, 0, 0, 0)
-  return KVCache(jax.lax.dynamic_update_slice(cache.k, row_cache.k, at),
-                 jax.lax.dynamic_update_slice(cache.v, row_cache.v, at),
-                 cache.end_index.at[row].set(row_cache.end_index[0]))
+def insert_rows(cache: KVCache, new: KVCache, rows) -> KVCache:
+  """Prefilled rows' cache (B' rows, T <= S slots) written into rows `rows` (B',) of the shared cache, in place."""
+  k, v = cache.k, cache.v
+  for i in range(rows.shape[0]):
+    at = (0, rows[i], 0, 0, 0)
+    k = jax.lax.dynamic_update_slice(k, new.k[:, i:i + 1], at)
+    v = jax.lax.dynamic_update_slice(v, new.v[:, i:i + 1], at)
+  return KVCache(k, v, cache.end_index.at[rows].set(new.end_index))
 
 
 @jax.jit
 def regroup(cache: KVCache, index) -> KVCache:
-  """The cache's rows `index` (B',), in that order: a batch bucket grown or shrunk."""
-  return KVCache(cache.k[:, index], cache.v[:, index], cache.end_index[index])
+  """The cache's rows `index` (B',), in that order: a batch bucket shrunk. Row by row: XLA:CPU copies a row's
+  slice as it lies, where a gather of the same rows costs it several times more."""
+  def rows(x):  # (L, B, S, G, K) -> (L, B', S, G, K)
+    return jnp.concatenate([jax.lax.dynamic_slice_in_dim(x, index[i], 1, axis=1) for i in range(index.shape[0])], 1)
+  return KVCache(rows(cache.k), rows(cache.v), cache.end_index[index])
+
+
+@functools.partial(jax.jit, static_argnames=("rows",))
+def grow(cache: KVCache, *, rows: int) -> KVCache:
+  """The cache with free rows appended up to `rows`: a batch bucket grown."""
+  extra = rows - cache.end_index.shape[0]
+  pad = ((0, 0), (0, extra), (0, 0), (0, 0), (0, 0))  # (L, B, S, G, K)
+  return KVCache(jnp.pad(cache.k, pad), jnp.pad(cache.v, pad), jnp.pad(cache.end_index, (0, extra)))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "weight_layout", "chunk_steps", "sampled", "top_n"),
@@ -160,7 +175,8 @@ def decode_rows(params, cache: KVCache, tokens, fields: RowFields, stop_ids, *, 
   """Up to chunk_steps decode steps of every row from its last token (B,); rows stop at a stop id or their budget.
 
   Returns the cache, the tokens (B, C) (decode.NO_TOKEN once a row is done), their log-probabilities (B, C) and
-  alternatives (B, C, N) x 2.
+  alternatives (B, C, N) x 2, and the next call's tokens (B,) and fields (a done row's budget 0): what lets the
+  host dispatch the next call before it reads this one's tokens.
   """
   b = tokens.shape[0]
   out = (jnp.full((b, chunk_steps), decode.NO_TOKEN, jnp.int32), jnp.zeros((b, chunk_steps), jnp.float32),
@@ -181,8 +197,9 @@ def decode_rows(params, cache: KVCache, tokens, fields: RowFields, stop_ids, *, 
     return i + 1, cache, tokens, done, out
 
   carry = (jnp.int32(0), cache, tokens, fields.budget <= 0, out)
-  _, cache, _, _, out = jax.lax.while_loop(should_continue, step, carry)
-  return cache, *out
+  steps, cache, tokens, done, out = jax.lax.while_loop(should_continue, step, carry)
+  fields = fields._replace(steps=fields.steps + steps, budget=jnp.where(done, 0, fields.budget - steps))
+  return cache, *out, tokens, fields
 
 
 def _logprobs(chosen: np.ndarray, top_ids: np.ndarray, top_values: np.ndarray) -> list[TokenLogprob]:
@@ -301,7 +318,10 @@ class Engine:
     self._shrink()
 
   def _shrink(self) -> None:
-    """Gathers the rows in use into the smallest bucket that holds them."""
+    """Gathers the rows in use into the smallest bucket that holds them, unless requests wait to fill the free
+    ones (a shrink then a grow would copy the cache twice for nothing)."""
+    if self._waiting:
+      return
     used = [r for r, seq in enumerate(self._rows) if seq is not None]
     size = decode.batch_bucket(len(used))
     if size < len(self._rows):
@@ -310,27 +330,41 @@ class Engine:
       self._rows = [self._rows[r] for r in used] + [None] * (size - len(used))
 
   def _free_row(self) -> int | None:
-    """A row for a new sequence: a free one, else the batch grown to the next bucket; None when full."""
-    if sum(job is not None for job in self._rows) >= self.generator.max_batch:
+    """A row for a new sequence: a free one, else the batch grown, once, to the bucket that holds every waiting
+    request too (at most max_batch's); None when full. Called with the condition held."""
+    active = sum(job is not None for job in self._rows)
+    if active >= self.generator.max_batch:
       return None
     if None in self._rows:
       return self._rows.index(None)
-    size = len(self._rows) * 2
-    self._cache = regroup(self._cache, np.array(list(range(len(self._rows))) + [0] * len(self._rows), np.int32))
+    wanted = min(active + sum(job.request.max_tokens > 0 for job in self._waiting), self.generator.max_batch)
+    size = decode.batch_bucket(wanted)
+    self._cache = grow(self._cache, rows=size)
     self._rows += [None] * (size - len(self._rows))
     return self._rows.index(None)
 
   def _admit(self) -> None:
-    while True:
-      with self._condition:
-        if not self._waiting:
-          return
+    """Takes waiting requests while rows are free (each row reserved for its request) and prefills them, up to
+    PREFILL_ROWS at a time, those of similar prompt lengths together."""
+    admitted = []
+    with self._condition:
+      while self._waiting:
         seq = self._waiting[0]
         row = self._free_row() if seq.request.max_tokens > 0 else -1
         if row is None:
-          return
+          break
         self._waiting.popleft()
-      self._prefill(seq, row)
+        if row >= 0:
+          self._rows[row] = seq
+        admitted.append((seq, row))
+    for seq, _ in (a for a in admitted if a[1] < 0):
+      seq.emit(Output([], "", [] if seq.request.logprobs else None, "length",
+                      prompt_logprobs=self._prompt_logprobs(seq.request)))
+    rows = sorted((a for a in admitted if a[1] >= 0), key=lambda a: len(a[0].request.prompt))
+    while rows:
+      size = min(1 << (len(rows).bit_length() - 1), PREFILL_ROWS)  # A power of two: no padding rows.
+      self._prefill(rows[-size:])
+      del rows[-size:]
 
   def _fields(self, sequences: Sequence[Job | None]) -> RowFields:
     def column(get, dtype):
@@ -341,29 +375,33 @@ class Engine:
                      column(lambda s: s.request.top_p, np.float32),
                      column(lambda s: s.request.max_tokens - (len(s.row.ids) if s.row else 0), np.int32))
 
-  def _prefill(self, seq: Job, row: int) -> None:
-    """Prefills one sequence into `row` (-1: none, for max_tokens 0) and emits its first Output."""
-    request = seq.request
+  def _prompt_logprobs(self, request: Request) -> list[TokenLogprob] | None:
+    if not request.prompt_logprobs:
+      return None
     length = len(request.prompt)
     tokens = np.zeros((1, decode.bucket(length)), np.int32)
     tokens[0, :length] = request.prompt
-    prompt = None
-    if request.prompt_logprobs:
-      top_n = MAX_TOP_LOGPROBS
-      arrays = prompt_logprobs(self.generator.params, tokens, np.float32(request.temperature), config=self.config,
-                               top_n=top_n)
-      prompt = _logprobs(*(np.asarray(a)[0, :length - 1] for a in arrays))
-    if row < 0:
-      seq.emit(Output([], "", [] if request.logprobs else None, "length", prompt_logprobs=prompt))
-      return
-    fields = self._fields([seq])
-    top_n = MAX_TOP_LOGPROBS if request.logprobs else 0
-    cache, *picked = prefill_row(self.generator.params, tokens, np.array([length], np.int32), fields,
-                                 config=self.config, sampled=request.temperature > 0, top_n=top_n)
-    self._cache = insert_row(self._cache, cache, np.int32(row))
-    seq.row = Row(request.max_tokens, self.tokenizer.eos_ids, IncrementalDetokenizer(self.tokenizer, request.stop))
-    self._rows[row] = seq
-    self._deliver(row, *(np.asarray(a)[0][None] for a in picked), prompt_logprobs=prompt)
+    arrays = prompt_logprobs(self.generator.params, tokens, np.float32(request.temperature), config=self.config,
+                             top_n=MAX_TOP_LOGPROBS)
+    return _logprobs(*(np.asarray(a)[0, :length - 1] for a in arrays))
+
+  def _prefill(self, admitted: Sequence[tuple[Job, int]]) -> None:
+    """Prefills sequences into their reserved rows, in one call, and emits each one's first Output."""
+    sequences = [seq for seq, _ in admitted]
+    lengths = np.array([len(seq.request.prompt) for seq in sequences], np.int32)
+    tokens = np.zeros((len(sequences), decode.bucket(int(lengths.max()))), np.int32)  # (B, T)
+    for i, seq in enumerate(sequences):
+      tokens[i, :lengths[i]] = seq.request.prompt
+    prompts = [self._prompt_logprobs(seq.request) for seq in sequences]
+    top_n = MAX_TOP_LOGPROBS if any(seq.request.logprobs for seq in sequences) else 0
+    cache, *picked = prefill_rows(self.generator.params, tokens, lengths, self._fields(sequences), config=self.config,
+                                  sampled=any(seq.request.temperature > 0 for seq in sequences), top_n=top_n)
+    self._cache = insert_rows(self._cache, cache, np.array([row for _, row in admitted], np.int32))
+    picked = [np.asarray(a) for a in picked]
+    for i, ((seq, row), prompt) in enumerate(zip(admitted, prompts)):
+      request = seq.request
+      seq.row = Row(request.max_tokens, self.tokenizer.eos_ids, IncrementalDetokenizer(self.tokenizer, request.stop))
+      self._deliver(row, *(a[i][None] for a in picked), prompt_logprobs=prompt)
 
   def _deliver(self, r: int, ids, chosen, top_ids, top_values, prompt_logprobs=None) -> None:
     """Row r's new tokens (n,) and their log-probabilities to its sequence; frees the row when it has finished."""
@@ -380,16 +418,27 @@ class Engine:
       self._rows[r] = None
 
   def _decode(self) -> None:
-    rows = self._rows
+    """Decode calls over the current rows until one of them finishes, a request waits or one is cancelled: each
+    call is dispatched from the last one's device outputs before the last one's tokens are read, so the host
+    delivers tokens while the device computes."""
+    rows = list(self._rows)
     plan, params = self.generator.decode_plan(len(rows))
-    tokens = np.array([s.last_token if s is not None else 0 for s in rows], np.int32)
     sampled = any(s is not None and s.request.temperature > 0 for s in rows)
     top_n = MAX_TOP_LOGPROBS if any(s is not None and s.request.logprobs for s in rows) else 0
-    self._cache, *out = decode_rows(params, self._cache, tokens, self._fields(rows), self._stop_ids,
-                                    config=self.config, weight_layout=plan.layout, chunk_steps=plan.chunk_steps,
-                                    sampled=sampled, top_n=top_n)
-    ids, chosen, top_ids, top_values = (np.asarray(a) for a in out)
-    for r, seq in enumerate(rows):
-      if seq is not None:
-        self._deliver(r, ids[r], chosen[r], top_ids[r], top_values[r])
+
+    def call(tokens, fields):
+      self._cache, *out = decode_rows(params, self._cache, tokens, fields, self._stop_ids, config=self.config,
+                                      weight_layout=plan.layout, chunk_steps=plan.chunk_steps, sampled=sampled,
+                                      top_n=top_n)
+      return out
+
+    out = call(np.array([s.last_token if s is not None else 0 for s in rows], np.int32), self._fields(rows))
+    while out is not None:
+      steady = self._rows == rows and not (self._waiting or self._stopping or any(s.cancelled for s in rows if s))
+      pending = call(*out[4:]) if steady else None
+      ids, chosen, top_ids, top_values = (np.asarray(a) for a in out[:4])
+      for r, seq in enumerate(rows):
+        if seq is not None and self._rows[r] is seq:  # A row that finished earlier is run on, and dropped.
+          self._deliver(r, ids[r], chosen[r], top_ids[r], top_values[r])
+      out = pending
     self._shrink()
