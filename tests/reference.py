@@ -4,6 +4,8 @@ files), llama.cpp's HF -> GGUF converter, torch.optim.AdamW training of a transf
 generation of one prompt, and our parameters of a transformers model.
 """
 
+import functools
+import hashlib
 import json
 import os
 import pathlib
@@ -22,14 +24,14 @@ CACHE = pathlib.Path(os.environ.get("LLAMA_HK_TEST_CACHE", pathlib.Path.home() /
 def smollm2_hf_dir(gguf: pathlib.Path = SMOLLM2_GGUF, cache: pathlib.Path = CACHE) -> pathlib.Path:
   """An HF-format float32 copy of the GGUF made by transformers' own GGUF loader (independent of llama_hk).
 
-  Cached per machine, keyed by the GGUF's size and mtime and the transformers version. It is written to a temporary
-  sibling and renamed into place, so two suites started at once both end with the one complete copy.
+  Cached per machine, keyed by the GGUF's contents (a fresh checkout's copy of the same file, with a new mtime, finds
+  it) and the transformers version. It is written to a temporary sibling and renamed into place, so two suites
+  started at once both end with the one complete copy.
   """
   import torch
   import transformers
 
-  stat = gguf.stat()
-  out = cache / f"smollm2_hf_{stat.st_size}_{int(stat.st_mtime)}_{transformers.__version__}"
+  out = cache / f"smollm2_hf_{_digest(gguf.resolve(), gguf.stat().st_mtime_ns)}_{transformers.__version__}"
   if (out / "model.safetensors").exists():
     return out
   kwargs = dict(gguf_file=gguf.name)
@@ -53,6 +55,16 @@ def smollm2_hf_dir(gguf: pathlib.Path = SMOLLM2_GGUF, cache: pathlib.Path = CACH
     if not (out / "model.safetensors").exists():
       raise
   return out
+
+
+@functools.lru_cache(maxsize=None)
+def _digest(path: pathlib.Path, mtime_ns: int) -> str:
+  """The first 16 hex digits of the file's SHA-256 (once per process and version of the file)."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()[:16]
 
 
 # SmolLM2's own tokenizer.json pre-tokenizer (digits one by one, then GPT-2's byte-level split); transformers' GGUF
