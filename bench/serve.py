@@ -4,12 +4,12 @@ same HF copy of SmolLM2-135M (float32, CPU), through the official openai client.
 The load is fixed: request i has a prompt of consecutive words of King Lear (about 16, 48 or 96 tokens, by i mod 3)
 and max_tokens 8, 16, 24 or 16 (by i mod 4), greedy, streamed; --concurrency streams at a time (asyncio). Each load
 is preceded by a warm-up round of max(concurrency, 12) of its requests, every kind of the mix (our server
-compiles each prompt and batch bucket once; JAX's persistent cache keeps them across runs). Reported per server and concurrency: output tokens/s (completion tokens
-over the wall time), requests/s, p50 and p95 time to first token, and each stream's decode rate (tokens after the
-first over the time from first to last); then our / transformers' ratios, and bin/generate's batch-1 decode tokens/s
-beside our one-stream decode rate. transformers' server takes the same requests, or the first
---transformers_requests of them (a bound on the run's time: fewer requests fill its batch less). Loopback only;
-every wait bounded.
+compiles each prompt and batch bucket once; JAX's persistent cache keeps them across runs). Reported per server
+and concurrency: output tokens/s (completion tokens over the wall time), requests/s, p50 and p95 time to first
+token, and each stream's decode rate (tokens after the first over the time from first to last); then our /
+transformers' ratios, and bin/generate's batch-1 decode tokens/s beside our one-stream decode rate.
+transformers' server takes the same requests, or the first --transformers_requests of them (a bound on the run's
+time: fewer requests fill its batch less). Loopback only; every wait bounded.
 
   python bench/serve.py [--requests=64] [--transformers_requests=N] [--concurrency=1,4,16] [--max_seq_len=512]
 """

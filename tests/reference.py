@@ -60,11 +60,8 @@ def smollm2_hf_dir(gguf: pathlib.Path = SMOLLM2_GGUF, cache: pathlib.Path = CACH
 @functools.lru_cache(maxsize=None)
 def _digest(path: pathlib.Path, mtime_ns: int) -> str:
   """The first 16 hex digits of the file's SHA-256 (once per process and version of the file)."""
-  digest = hashlib.sha256()
   with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()[:16]
+    return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 # SmolLM2's own tokenizer.json pre-tokenizer (digits one by one, then GPT-2's byte-level split); transformers' GGUF

@@ -357,9 +357,10 @@ class Engine:
         if row >= 0:
           self._rows[row] = seq
         admitted.append((seq, row))
-    for seq, _ in (a for a in admitted if a[1] < 0):
-      seq.emit(Output([], "", [] if seq.request.logprobs else None, "length",
-                      prompt_logprobs=self._prompt_logprobs(seq.request)))
+    for seq, row in admitted:
+      if row < 0:  # max_tokens 0: the prompt's log-probabilities only.
+        seq.emit(Output([], "", [] if seq.request.logprobs else None, "length",
+                        prompt_logprobs=self._prompt_logprobs(seq.request)))
     rows = sorted((a for a in admitted if a[1] >= 0), key=lambda a: len(a[0].request.prompt))
     while rows:
       size = min(1 << (len(rows).bit_length() - 1), PREFILL_ROWS)  # A power of two: no padding rows.
