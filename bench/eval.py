@@ -4,10 +4,12 @@ SmolLM2-135M (float32) and one multiple-choice task of at least 200 log-likeliho
 Target (from issue 13): ours >= 2x faster. The task is written here over local JSONL (no hub): each document is
 the start of a line of Shakespeare, its choices that line's true ending and three endings of other lines. Both
 backends get the same --batch_size (rows a forward pass: the hf backend's hold a request each, ours as many as fit
-in 64 tokens) and run the same `simple_evaluate`; ours is timed cold (compiles included, a fresh compilation
-cache), then both warm, best of --rounds runs taken in turn. Their accuracies and every request's log-likelihood
-are compared too, so the figures are of the same work. Prints the CPU model and the load average before and after:
-a run beside other jobs is contaminated (torch's threads suffer most).
+in 128 tokens, a document's context once for its choices) and run the same `simple_evaluate`; ours is timed cold
+(compiles included, a fresh compilation cache), then both warm, best of --rounds runs taken in turn; the time
+inside each backend's `loglikelihood` is given too (the rest of a run, the harness's own, is the same for both).
+Their accuracies and every request's log-likelihood are compared too, so the figures are of the same work. Prints
+the CPU model and the load average before and after: a run beside other jobs is contaminated (torch's threads
+suffer most).
 
   python bench/eval.py [--docs=60] [--batch_size=8] [--rounds=2] [--output_json=FILE]
 """
@@ -90,16 +92,31 @@ def main():
   theirs = HFLM(pretrained=model, tokenizer=transformers.AutoTokenizer.from_pretrained(hf_dir),
                 batch_size=args.batch_size, device="cpu")
 
+  scoring = {}  # Each backend's seconds in `loglikelihood` during its last run: the model's share of the wall time.
+
+  def timed_loglikelihood(lm):
+    inner = lm.loglikelihood
+
+    def loglikelihood(*args, **kwargs):
+      result, scoring[lm] = timed(lambda: inner(*args, **kwargs))
+      return result
+    lm.loglikelihood = loglikelihood
+
+  timed_loglikelihood(ours)
+  timed_loglikelihood(theirs)
+
   def run(lm):
     return harness.evaluate(lm, ["bench_mc"], manager, log_samples=True)
 
   load_before = os.getloadavg()
   ours_result, ours_cold = timed(lambda: run(ours))
   hf_result = run(theirs)  # Warm-up.
-  ours_times, hf_times = [], []
+  ours_times, hf_times, ours_scoring, hf_scoring = [], [], [], []
   for _ in range(args.rounds):  # Alternating, so that a change of the machine's load skews both alike.
     ours_times.append(timed(lambda: run(ours))[1])
+    ours_scoring.append(scoring[ours])
     hf_times.append(timed(lambda: run(theirs))[1])
+    hf_scoring.append(scoring[theirs])
   ours_warm, hf_warm = min(ours_times), min(hf_times)
   load_after = os.getloadavg()
 
@@ -111,6 +128,9 @@ def main():
       "requests": len(diffs), "batch_size": args.batch_size, "cpu_threads": torch.get_num_threads(),
       "ours_cold_s": round(ours_cold, 2), "ours_warm_s": round(ours_warm, 2), "hf_warm_s": round(hf_warm, 2),
       "speedup_warm": round(hf_warm / ours_warm, 2), "speedup_cold": round(hf_warm / ours_cold, 2),
+      "ours_rounds_s": [round(t, 2) for t in ours_times], "hf_rounds_s": [round(t, 2) for t in hf_times],
+      "ours_loglikelihood_s": round(min(ours_scoring), 2), "hf_loglikelihood_s": round(min(hf_scoring), 2),
+      "speedup_loglikelihood": round(min(hf_scoring) / min(ours_scoring), 2),
       "acc": [ours_result["results"]["bench_mc"]["acc,none"], hf_result["results"]["bench_mc"]["acc,none"]],
       "acc_norm": [ours_result["results"]["bench_mc"]["acc_norm,none"],
                    hf_result["results"]["bench_mc"]["acc_norm,none"]],

@@ -103,10 +103,15 @@ def write_tasks(directory: pathlib.Path) -> pathlib.Path:
 
 def assert_same_response(task: str, doc_id, x, y) -> None:
   """One request's responses from two backends agree: a choice's log-likelihood within 1e-4 and its is-greedy flag
-  equal (hk_mc), a rolling log-likelihood within 1e-4 (hk_rolling), a generated text equal (hk_gen)."""
+  equal (hk_mc), a rolling log-likelihood within 1e-4 or 1e-6 relative, whichever is looser (hk_rolling), a
+  generated text equal (hk_gen).
+
+  A rolling document sums its tokens' float32 errors: on an AMD EPYC without AVX-512, SmolLM2's ROLLING[0] (81
+  tokens, -288.97) is 8e-5 above a float64 model's in the hf backend's float32 model and 1.1e-4 below it in ours on
+  a 128-token row (9e-5 above it on an 81-token row: the row length alone moves it by 2e-4)."""
   if task == "hk_mc":
     assert abs(x[0] - y[0]) <= 1e-4 and x[1] == y[1], (task, doc_id, x, y)
   elif task == "hk_rolling":
-    assert abs(x - y) <= 1e-4, (task, doc_id, x, y)
+    assert abs(x - y) <= max(1e-4, 1e-6 * abs(y)), (task, doc_id, x, y)
   else:
     assert x == y, (task, doc_id, x, y)

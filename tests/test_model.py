@@ -438,3 +438,39 @@ def test_kv_cache_decoding_matches_transformers(tiny_hf_model):
   print(f"kv cache decoding max abs logits diff {diff:.2e}")
   assert diff <= LOGITS_TOL
   np.testing.assert_array_equal(np.asarray(cache.end_index), [24, 24])
+
+
+def test_shared_prefix_branches_match_transformers_on_each_sequence(tiny_hf_model):
+  """One row holding a prefix once and three continuations of it (branch ids), then a second document and
+  padding: each continuation's logits are transformers' on prefix + that continuation alone, and without branch
+  ids (a continuation seeing the ones before it) they are not."""
+  hf = tiny_hf_model(seed=21, rope_parameters=LLAMA3_ROPE, random_norms=True)
+  config = from_hf_config(hf.config.to_dict())
+  params = param_table.params_from_hf({k: v.numpy() for k, v in hf.state_dict().items()}, config)
+  rng = np.random.default_rng(21)
+  prefix, other = rng.integers(3, config.vocab_size, size=7), rng.integers(3, config.vocab_size, size=5)
+  branches = [rng.integers(3, config.vocab_size, size=n) for n in (4, 6, 3)]
+  tokens, positions, segments, branch_ids = (np.zeros((1, 32), np.int32) for _ in range(4))
+  spans, end = [], len(prefix)
+  tokens[0, :end], positions[0, :end], segments[0, :end] = prefix, np.arange(end), 1
+  for b, branch in enumerate(branches, 1):
+    n = len(branch)
+    tokens[0, end:end + n], positions[0, end:end + n] = branch, len(prefix) + np.arange(n)
+    segments[0, end:end + n], branch_ids[0, end:end + n] = 1, b
+    spans.append(slice(end, end + n))
+    end += n
+  tokens[0, end:end + 5], positions[0, end:end + 5], segments[0, end:end + 5] = other, np.arange(5), 2
+  apply = jax.jit(llama.make_forward(config).apply)
+  shared, _ = apply(params, tokens, positions=positions, segment_ids=segments, branch_ids=branch_ids)
+  unbranched, _ = apply(params, tokens, positions=positions, segment_ids=segments)
+  with torch.no_grad():
+    alone = [hf(torch.from_numpy(np.concatenate([prefix, branch])[None]).long()).logits.numpy()[0]
+             for branch in [*branches, np.zeros(0, np.int64)]]
+    other_ref = hf(torch.from_numpy(other[None]).long()).logits.numpy()[0]
+  diffs = [np.max(np.abs(np.asarray(shared[0, span]) - ref[len(prefix):])) for span, ref in zip(spans, alone)]
+  diffs.append(np.max(np.abs(np.asarray(shared[0, :len(prefix)]) - alone[-1])))
+  diffs.append(np.max(np.abs(np.asarray(shared[0, end:end + 5]) - other_ref)))
+  print(f"shared-prefix branches max abs logits diff {max(diffs):.2e}")
+  assert max(diffs) <= LOGITS_TOL
+  later = np.max(np.abs(np.asarray(unbranched[0, spans[1]]) - alone[1][len(prefix):]))
+  assert later > 100 * LOGITS_TOL  # The second continuation saw the first without branch ids.

@@ -8,7 +8,9 @@ strings after at most `max_gen_toks` tokens, its context cut from the left to le
 
 Log-likelihood requests are sorted by length (longest first) and packed into `batch_size` rows a forward pass, as
 many after one another in a row as fit (segment ids keep them apart), a row at least PACK_TOKENS long or the
-generation bucket of its longest (`inference.decode.bucket`), so a run compiles a handful of shapes. Over a
+generation bucket of its longest (`inference.decode.bucket`), so a run compiles a handful of shapes. Requests
+with the same context (a multiple-choice document's choices) share it: it is run once per row, each continuation
+after it seeing it and itself only (the model's branch ids), which is the same arithmetic on fewer tokens. Over a
 mesh, each batch is split over its batch axes and the scores come back replicated. With several processes each
 runs every request (the harness sees a world of one) and the processes' batches go through the global mesh in
 lockstep.
@@ -40,18 +42,18 @@ from llama_hk.tokenizers.tokenizer import Tokenizer
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_GEN_TOKS = 256  # The `hf` backend's.
-PACK_TOKENS = 64  # The shortest row: requests shorter than this share rows.
+PACK_TOKENS = 128  # The shortest row: requests shorter than this share rows.
 
 
 @functools.lru_cache(maxsize=None)
 def _scorer(config: LlamaConfig, lora: LoraConfig | None, mesh):
-  """params, tokens, positions, segment_ids (B, T), scored (B, S) time indices and their targets (B, S) -> each
-  target's log-probability and whether it is the argmax (B, S), replicated over `mesh`; the LM head runs at the
-  scored positions only, and a request's sum is taken on the host, in float64."""
+  """params, tokens, positions, segment_ids, branch_ids (B, T), scored (B, S) time indices and their targets (B, S)
+  -> each target's log-probability and whether it is the argmax (B, S), replicated over `mesh`; the LM head runs at
+  the scored positions only, and a request's sum is taken on the host, in float64."""
   forward = make_forward(config, lora=lora)
 
-  def score(params, tokens, positions, segment_ids, scored, targets):
-    logits, _ = forward.apply(params, tokens, positions=positions, segment_ids=segment_ids,
+  def score(params, tokens, positions, segment_ids, branch_ids, scored, targets):
+    logits, _ = forward.apply(params, tokens, positions=positions, segment_ids=segment_ids, branch_ids=branch_ids,
                               logits_at=scored)  # (B, S, V) float32
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # (B, S)
     return target_logits - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets  # (B, S)
@@ -179,49 +181,78 @@ class LlamaHkLM(TemplateLM):
         progress.update(len(spans))
     return results
 
-  def _batches(self, rows) -> list[tuple[int, list[list[tuple[int, int]]]]]:
-    """(T, batch_size rows or fewer, each a list of (request index, start)): requests longest first, each put
-    after the last in its row when it fits, else at the start of a new row; T, the bucket of a batch's longest
-    request (`inference.decode.bucket`) but at least PACK_TOKENS, capped at max_length, so that short requests share
-    rows instead of padding them and a run compiles a handful of shapes."""
+  def _prefix_len(self, row) -> int:
+    """How many of a request's input tokens may be shared: its context up to the first scored position (whose
+    logits every continuation of that context reads), or all of them where the sliding window, which counts time
+    indices, not positions, could cut a row's segment (then no two requests share)."""
+    inputs, _, scored = row
+    window = self.config.sliding_window
+    return len(inputs) - scored + 1 if window is None or window >= self.max_length else len(inputs)
+
+  def _batches(self, rows) -> list[tuple[int, list[list[tuple[int, list[int]]]]]]:
+    """(T, up to batch_size rows, each a list of segments (start, request indices)): the requests that share a
+    prefix (`_prefix_len`) grouped, the prefix stored once per row and each request's remaining inputs after it as
+    a branch; groups longest first, each request put into the last row's open segment of its group when it fits,
+    else into a new segment after the row's last, else into a new row. T, the bucket of a batch's longest request
+    (`inference.decode.bucket`) but at least PACK_TOKENS, capped at max_length, so that short requests share rows
+    instead of padding them and a run compiles a handful of shapes."""
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+      groups.setdefault(tuple(row[0][:self._prefix_len(row)]), []).append(i)
     batches, used, time = [], 0, 0
-    for i in sorted(range(len(rows)), key=lambda i: -len(rows[i][0])):
-      n = len(rows[i][0])
-      if not batches or used + n > time:
-        if batches and len(batches[-1][1]) < self.batch_size:
-          batches[-1][1].append([])
-        else:
-          time = min(max(decode.bucket(n), PACK_TOKENS), self.max_length)
-          batches.append((time, [[]]))
-        used = 0
-      batches[-1][1][-1].append((i, used))
-      used += n
+    for prefix, members in sorted(groups.items(), key=lambda group: -max(len(rows[i][0]) for i in group[1])):
+      for k, i in enumerate(sorted(members, key=lambda i: -len(rows[i][0]))):
+        branch = len(rows[i][0]) - len(prefix)
+        if k and used + branch <= time:  # Into this group's segment, the last of the last row.
+          batches[-1][1][-1][-1][1].append(i)
+          used += branch
+          continue
+        if not batches or used + len(prefix) + branch > time:
+          if batches and len(batches[-1][1]) < self.batch_size:
+            batches[-1][1].append([])
+          else:
+            time = min(max(decode.bucket(len(rows[i][0])), PACK_TOKENS), self.max_length)
+            batches.append((time, [[]]))
+          used = 0
+        batches[-1][1][-1].append((used, [i]))
+        used += len(prefix) + branch
     return batches
 
   def _score_batch(self, rows, time: int, batch) -> tuple:
-    """tokens, positions, segment_ids: (batch_size, T), a row's requests as segments 1, 2, ... from position 0
-    each, then padding (segment 0), rows missing from a short batch all padding; scored and targets: (batch_size,
-    S), each row's scored time indices in turn and their targets, S their bucket (padded with index 0, scoring
-    nothing); and each request's (row, index, slice of S)."""
-    tokens, positions, segment_ids = (np.zeros((self.batch_size, time), np.int32) for _ in range(3))
+    """tokens, positions, segment_ids, branch_ids: (R, T), R the batch's rows rounded up to a power of two (a
+    multiple of the mesh's batch split, at most batch_size), a row's segments 1, 2, ..., each its prefix (branch 0)
+    from position 0, then its requests' branches 1, 2, ... each from the position where the prefix ends, then
+    padding (segment 0); scored and targets: (R, S), each row's scored time indices in turn (a request's: the
+    prefix's last, then its branch) and their targets, S their bucket (padded with index 0, scoring nothing); and
+    each request's (row, index, slice of S)."""
+    shards = sharding.batch_multiple(self.mesh)
+    height = min(-(-decode.batch_bucket(len(batch)) // shards) * shards, self.batch_size)
+    tokens, positions, segment_ids, branch_ids = (np.zeros((height, time), np.int32) for _ in range(4))
     row_scored, row_targets, spans = [], [], []
     for r, row in enumerate(batch):
       at, want = [], []
-      for segment, (i, start) in enumerate(row, 1):
-        inputs, outputs, scored = rows[i]
-        n = len(inputs)
-        tokens[r, start:start + n], segment_ids[r, start:start + n] = inputs, segment
-        positions[r, start:start + n] = np.arange(n)
-        spans.append((r, i, slice(len(at), len(at) + scored)))
-        at.extend(range(start + n - scored, start + n))
-        want.extend(outputs[n - scored:])
+      for segment, (start, members) in enumerate(row, 1):
+        shared = self._prefix_len(rows[members[0]])
+        end = start + shared
+        tokens[r, start:end], positions[r, start:end] = rows[members[0]][0][:shared], np.arange(shared)
+        segment_ids[r, start:end] = segment
+        for branch, i in enumerate(members, 1):
+          inputs, outputs, scored = rows[i]
+          n = len(inputs) - shared
+          tokens[r, end:end + n], positions[r, end:end + n] = inputs[shared:], np.arange(shared, shared + n)
+          segment_ids[r, end:end + n], branch_ids[r, end:end + n] = segment, branch
+          spans.append((r, i, slice(len(at), len(at) + scored)))
+          # The request's last `scored` inputs: the prefix's (from `start`), then the branch's (from `end`).
+          at.extend(start + v if v < shared else end + v - shared for v in range(len(inputs) - scored, len(inputs)))
+          want.extend(outputs[len(inputs) - scored:])
+          end += n
       row_scored.append(at)
       row_targets.append(want)
-    width = min(decode.bucket(max(map(len, row_scored))), time)
-    scored, targets = (np.zeros((self.batch_size, width), np.int32) for _ in range(2))
+    width = decode.bucket(max(map(len, row_scored)))  # Above T where requests share a short prefix.
+    scored, targets = (np.zeros((height, width), np.int32) for _ in range(2))
     for r, (at, want) in enumerate(zip(row_scored, row_targets)):
       scored[r, :len(at)], targets[r, :len(want)] = at, want
-    return tokens, positions, segment_ids, scored, targets, spans
+    return tokens, positions, segment_ids, branch_ids, scored, targets, spans
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
     """Each text's log-probability in disjoint windows of max_length tokens, the first after the prefix token,

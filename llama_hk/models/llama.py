@@ -137,7 +137,7 @@ class Llama(_Module):
 
   @hk.transparent
   def __call__(self, tokens, positions=None, segment_ids=None, cache: kv_cache.KVCache | None = None,
-               logits_at=None):
+               logits_at=None, branch_ids=None):
     """tokens, positions, segment_ids: (B, T) int32. Returns logits (B, T, V) and the extended cache (or None).
 
     segment_ids: packed documents carry 1, 2, ...; padding carries 0. With a cache, the row's padding must
@@ -145,6 +145,9 @@ class Llama(_Module):
     logits_at: (B,) or (B, S) int32, or None: return only the logits (B, 1, V) or (B, S, V) at these time indices
     of each row (a prefill needs just its last prompt position's, a scorer its scored positions', and the full
     (B, T, V) would cost T times the head's work).
+    branch_ids: (B, T) int32 or None, without a cache: a segment's prefix carries 0, each continuation of it its own
+    id (1, 2, ...), which sees the prefix and itself only (`ops.attention.attention_mask`); positions are the
+    caller's, each continuation's starting where the prefix ends.
     """
     c = self.config
     b, t = tokens.shape
@@ -164,7 +167,7 @@ class Llama(_Module):
       x = x * jnp.take(scale, tokens, axis=0)[..., None].astype(c.compute_dtype)  # (B, T, D)
     x = sharding.constrain(x, ("act_batch", "act_length", "act_embed"))
     mask = attention.attention_mask(segment_ids, cache_end, None if cache is None else cache.k.shape[3],
-                                    c.sliding_window)  # (B, T, S)
+                                    c.sliding_window, branch_ids)  # (B, T, S)
 
     def block(x, layer_cache):
       return DecoderBlock(c, self.layout, self.lora)(x, positions, mask, layer_cache, cache_end)
@@ -191,10 +194,10 @@ class Llama(_Module):
 def make_forward(config: LlamaConfig, *, layout: dense.WeightLayout = dense.WeightLayout(),
                  lora: LoraConfig | None = None) -> hk.Transformed:
   """The transformed model: `init(rng, tokens)` and
-  `apply(params, tokens, positions=None, segment_ids=None, cache=None, logits_at=None) -> (logits, cache)`,
-  its matrix weights read in `layout` (params made by `ops.dense.to_layout(params, layout)`); with `lora`, params
-  hold the adapter's leaves beside the base's (`ops.lora.combine`), and an adapter with dropout takes
-  `apply(..., dropout_rng=key)` (None: no dropout)."""
+  `apply(params, tokens, positions=None, segment_ids=None, cache=None, logits_at=None, branch_ids=None) ->
+  (logits, cache)`, its matrix weights read in `layout` (params made by `ops.dense.to_layout(params, layout)`);
+  with `lora`, params hold the adapter's leaves beside the base's (`ops.lora.combine`), and an adapter with dropout
+  takes `apply(..., dropout_rng=key)` (None: no dropout)."""
   platform.check_attention_impl(config.attention_impl)
   transformed = hk.transform(lambda *args, **kwargs: Llama(config, layout, lora)(*args, **kwargs))
   if lora is None or not lora.dropout:

@@ -25,10 +25,13 @@ SPLIT_MIN_LENGTH = 128
 
 
 def attention_mask(segment_ids: jax.Array, cache_end: jax.Array | None = None, cache_len: int | None = None,
-                   window: int | None = None) -> jax.Array:
+                   window: int | None = None, branch_ids: jax.Array | None = None) -> jax.Array:
   """Which keys each query sees: (B, T, S) booleans, from segment_ids (B, T).
 
-  Without a cache: causal within a segment (packed documents and padding, segment 0, never mix).
+  Without a cache: causal within a segment (packed documents and padding, segment 0, never mix). branch_ids (B,
+  T), without a cache only, lets a segment hold one prefix and several continuations of it: a query of branch j >
+  0 sees the segment's branch-0 keys and its own branch's, never another branch's (a scorer's choices after one
+  shared context).
   With a cache (cache_end (B,), cache_len S): slots up to the query's own slot, since a cached row is one
   contiguous sequence.
   A sliding `window` (Mistral's, as transformers means it) keeps only the `window` most recent of those keys, the
@@ -41,6 +44,8 @@ def attention_mask(segment_ids: jax.Array, cache_end: jax.Array | None = None, c
     if window is not None:
       causal &= keys > queries - window  # (T, S)
     same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, S)
+    if branch_ids is not None:
+      same_segment &= (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])  # (B, T, S)
     return causal[None] & same_segment
   query_slots = cache_end[:, None] + jnp.arange(t)[None, :]  # (B, T)
   slots = jnp.arange(cache_len)[None, None, :]  # (1, 1, S)
