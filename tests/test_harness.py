@@ -136,6 +136,40 @@ def test_unknown_task_says_how_to_list_tasks(tasks_dir, tmp_path):
     evaluation.evaluate_tasks(tmp_path / "no_checkpoint", ["hk_mc", "hk_nope"], str(tasks_dir), False)
 
 
+@pytest.mark.parametrize("tie_word_embeddings", [False, True])
+def test_scorer_head_blocks_equal_transformers_log_softmax(tiny_hf_model, tie_word_embeddings):
+  """The scorer's LM head in blocks (2 rows x 128 scored positions: two blocks of HEAD_BLOCK) gives transformers'
+  float64 log-softmax of each target and its argmax flag, at scored positions given out of order."""
+  import numpy as np
+  import torch
+
+  from llama_hk import params as param_table
+  from llama_hk.config import from_hf_config
+  from llama_hk.eval import harness
+
+  hf = tiny_hf_model(seed=31, tie_word_embeddings=tie_word_embeddings)
+  config = from_hf_config(hf.config.to_dict())
+  params = param_table.params_from_hf({k: v.numpy() for k, v in hf.state_dict().items()}, config)
+  rng = np.random.default_rng(31)
+  tokens = rng.integers(3, config.vocab_size, size=(2, 128)).astype(np.int32)
+  positions = np.tile(np.arange(128, dtype=np.int32), (2, 1))
+  ones, zeros = np.ones_like(tokens), np.zeros_like(tokens)
+  scored = np.stack([rng.permutation(128) for _ in range(2)]).astype(np.int32)  # (2, 128)
+  targets = rng.integers(0, config.vocab_size, size=(2, 128)).astype(np.int32)
+  targets[0, :8] = 0  # Replaced by the argmax below, so that both flags occur.
+  with torch.no_grad():
+    logp = torch.log_softmax(hf(torch.from_numpy(tokens).long()).logits.double(), dim=-1).numpy()  # (2, 128, V)
+  rows = np.arange(2)[:, None]
+  targets[0, :8] = logp[0, scored[0, :8]].argmax(-1)
+  logprob, greedy = harness._scorer(config, None, None)(params, tokens, positions, ones, zeros, scored, targets)
+  expected = logp[rows, scored, targets]  # (2, 128)
+  diff = np.max(np.abs(np.asarray(logprob) - expected))
+  print(f"blocked scorer max abs log-probability diff {diff:.2e}")
+  assert diff <= 1e-4
+  np.testing.assert_array_equal(np.asarray(greedy), logp[rows, scored].argmax(-1) == targets)
+  assert np.asarray(greedy)[0, :8].all() and not np.asarray(greedy).all()
+
+
 @pytest.mark.slow
 def test_tiny_model_equals_hf_backend(tiny_dir, manager, tiny_reference):
   """A random GQA model whose 32-position window cuts the rolling texts, the few-shot contexts and the prompts

@@ -18,6 +18,7 @@ lockstep.
 
 import functools
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +36,7 @@ from llama_hk.errors import UserError
 from llama_hk.inference import decode
 from llama_hk.inference.generator import Generator
 from llama_hk.inference.sampling import Sampling
-from llama_hk.models import make_forward
+from llama_hk.models import transform_model
 from llama_hk.ops import lora as lora_lib
 from llama_hk.ops.lora import LoraConfig
 from llama_hk.tokenizers.tokenizer import Tokenizer
@@ -43,22 +44,36 @@ from llama_hk.tokenizers.tokenizer import Tokenizer
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_GEN_TOKS = 256  # The `hf` backend's.
 PACK_TOKENS = 128  # The shortest row: requests shorter than this share rows.
+HEAD_BLOCK = 128  # Scored positions the LM head and its log-softmax take at a time.
 
 
 @functools.lru_cache(maxsize=None)
 def _scorer(config: LlamaConfig, lora: LoraConfig | None, mesh):
   """params, tokens, positions, segment_ids, branch_ids (B, T), scored (B, S) time indices and their targets (B, S)
   -> each target's log-probability and whether it is the argmax (B, S), replicated over `mesh`; the LM head runs at
-  the scored positions only, and a request's sum is taken on the host, in float64."""
-  forward = make_forward(config, lora=lora)
+  the scored positions only, HEAD_BLOCK of them at a time (B x S x V float32 logits at once would go out to memory
+  and back for the log-softmax; a block's stay in cache), and a request's sum is taken on the host, in float64."""
 
-  def score(params, tokens, positions, segment_ids, branch_ids, scored, targets):
-    logits, _ = forward.apply(params, tokens, positions=positions, segment_ids=segment_ids, branch_ids=branch_ids,
-                              logits_at=scored)  # (B, S, V) float32
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # (B, S)
-    return target_logits - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets  # (B, S)
+  def score(model, tokens, positions, segment_ids, branch_ids, scored, targets):
+    x, _ = model.hidden(tokens, positions, segment_ids, logits_at=scored, branch_ids=branch_ids)  # (B, S, D)
+    b, s, d = x.shape
+    width = s  # Of each row's S positions a block: S halved while the block passes HEAD_BLOCK, so W divides S.
+    while width * b > HEAD_BLOCK and width % 2 == 0:
+      width //= 2
 
-  return jax.jit(score, out_shardings=None if mesh is None else NamedSharding(mesh, PartitionSpec()))
+    def block(_, inputs):
+      x, targets = inputs  # (B, W, D), (B, W)
+      logits = model.logits(x)  # (B, W, V) float32
+      target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # (B, W)
+      return None, (target_logits - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets)
+
+    x = x.reshape(b, s // width, width, d).swapaxes(0, 1)  # (S / W, B, W, D)
+    targets = targets.reshape(b, s // width, width).swapaxes(0, 1)  # (S / W, B, W)
+    _, (logprob, greedy) = hk.scan(block, None, (x, targets))  # (S / W, B, W)
+    return tuple(a.swapaxes(0, 1).reshape(b, s) for a in (logprob, greedy))  # (B, S)
+
+  return jax.jit(transform_model(config, score, lora=lora).apply,
+                 out_shardings=None if mesh is None else NamedSharding(mesh, PartitionSpec()))
 
 
 def _host(x) -> np.ndarray:

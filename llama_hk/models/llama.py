@@ -133,18 +133,31 @@ class DecoderBlock(_Module):
 
 
 class Llama(_Module):
-  """Tokens to float32 logits, optionally reading and extending a KV cache."""
+  """Tokens to float32 logits, optionally reading and extending a KV cache: `hidden`, then `logits`."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._embedding = None  # (table, scale), once read.
 
   @hk.transparent
   def __call__(self, tokens, positions=None, segment_ids=None, cache: kv_cache.KVCache | None = None,
                logits_at=None, branch_ids=None):
-    """tokens, positions, segment_ids: (B, T) int32. Returns logits (B, T, V) and the extended cache (or None).
+    """tokens, positions, segment_ids: (B, T) int32. Returns logits (B, T, V) and the extended cache (or None)
+    (`hidden` says what each argument means)."""
+    x, cache = self.hidden(tokens, positions, segment_ids, cache, logits_at, branch_ids)  # (B, T, D)
+    return self.logits(x), cache
+
+  @hk.transparent
+  def hidden(self, tokens, positions=None, segment_ids=None, cache: kv_cache.KVCache | None = None,
+             logits_at=None, branch_ids=None):
+    """tokens, positions, segment_ids: (B, T) int32. Returns the final norm's output (B, T, D), the input of
+    `logits`, and the extended cache (or None).
 
     segment_ids: packed documents carry 1, 2, ...; padding carries 0. With a cache, the row's padding must
     come last: its cache end advances by the row's non-padding tokens only.
-    logits_at: (B,) or (B, S) int32, or None: return only the logits (B, 1, V) or (B, S, V) at these time indices
-    of each row (a prefill needs just its last prompt position's, a scorer its scored positions', and the full
-    (B, T, V) would cost T times the head's work).
+    logits_at: (B,) or (B, S) int32, or None: return only the outputs (B, 1, D) or (B, S, D) at these time indices
+    of each row (a prefill needs just its last prompt position's logits, a scorer its scored positions', and the
+    full (B, T, V) would cost T times the head's work).
     branch_ids: (B, T) int32 or None, without a cache: a segment's prefix carries 0, each continuation of it its own
     id (1, 2, ...), which sees the prefix and itself only (`ops.attention.attention_mask`); positions are the
     caller's, each continuation's starting where the prefix ends.
@@ -157,11 +170,7 @@ class Llama(_Module):
       positions = base[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # (B, T)
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)  # (B, T)
-    with hk.name_scope("embedding"):
-      embeddings = hk.get_parameter("embeddings", [c.vocab_size, c.d_model], c.param_dtype, init=_INIT)  # (V, D)
-      scale = None  # int8 weights: each row's float32 scale, applied to the gathered rows.
-      if c.param_dtype == "int8":
-        scale = hk.get_parameter("embeddings_scale", [c.vocab_size], jnp.float32, init=jnp.ones)  # (V,)
+    embeddings, scale = self._embedding_table()  # (V, D), (V,) or None
     x = dense.widen(jnp.take(embeddings, tokens, axis=0), c.compute_dtype)  # (B, T, D)
     if scale is not None:
       x = x * jnp.take(scale, tokens, axis=0)[..., None].astype(c.compute_dtype)  # (B, T, D)
@@ -181,14 +190,31 @@ class Llama(_Module):
       cache = kv_cache.KVCache(layers.k, layers.v, cache_end + jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32))
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at.reshape(b, -1, 1), axis=1)  # (B, S, D), S = 1 for a (B,) index
-    x = RMSNorm(c, name="norm")(x)  # (B, T, D)
-    if c.tie_embeddings:
-      logits = self.dense(x, "BTD,VD->BTV", "embeddings", weight=embeddings, weight_scale=scale,
-                          preferred_element_type=jnp.float32)  # (B, T, V)
-    else:
-      with hk.name_scope("lm_head"):
-        logits = self.dense(x, "BTD,DV->BTV", "w", preferred_element_type=jnp.float32)  # (B, T, V)
-    return logits, cache
+    return RMSNorm(c, name="norm")(x), cache  # (B, T, D)
+
+  @hk.transparent
+  def logits(self, x):
+    """The LM head: `hidden`'s output (B, T, D) -> float32 logits (B, T, V)."""
+    if self.config.tie_embeddings:
+      embeddings, scale = self._embedding_table()  # (V, D), (V,) or None
+      return self.dense(x, "BTD,VD->BTV", "embeddings", weight=embeddings, weight_scale=scale,
+                        preferred_element_type=jnp.float32)  # (B, T, V)
+    with hk.name_scope("lm_head"):
+      return self.dense(x, "BTD,DV->BTV", "w", preferred_element_type=jnp.float32)  # (B, T, V)
+
+  @hk.transparent
+  def _embedding_table(self):
+    """The embedding table (V, D) and, with int8 weights, each row's float32 scale (V,) (else None), read once
+    (a second `embedding` scope would be named `embedding_1`)."""
+    c = self.config
+    if self._embedding is None:
+      with hk.name_scope("embedding"):
+        embeddings = hk.get_parameter("embeddings", [c.vocab_size, c.d_model], c.param_dtype, init=_INIT)  # (V, D)
+        scale = None
+        if c.param_dtype == "int8":
+          scale = hk.get_parameter("embeddings_scale", [c.vocab_size], jnp.float32, init=jnp.ones)  # (V,)
+      self._embedding = embeddings, scale
+    return self._embedding
 
 
 def make_forward(config: LlamaConfig, *, layout: dense.WeightLayout = dense.WeightLayout(),
@@ -198,10 +224,17 @@ def make_forward(config: LlamaConfig, *, layout: dense.WeightLayout = dense.Weig
   (logits, cache)`, its matrix weights read in `layout` (params made by `ops.dense.to_layout(params, layout)`);
   with `lora`, params hold the adapter's leaves beside the base's (`ops.lora.combine`), and an adapter with dropout
   takes `apply(..., dropout_rng=key)` (None: no dropout)."""
+  return transform_model(config, lambda model, *args, **kwargs: model(*args, **kwargs), layout=layout, lora=lora)
+
+
+def transform_model(config: LlamaConfig, fn, *, layout: dense.WeightLayout = dense.WeightLayout(),
+                    lora: LoraConfig | None = None) -> hk.Transformed:
+  """`fn(model, *args, **kwargs)` transformed as `make_forward` is, `model` the `Llama` whose parameters it reads:
+  for work that needs the model's pieces rather than its logits (a scorer that consumes the head's output block
+  by block, `eval.harness`)."""
   platform.check_attention_impl(config.attention_impl)
-  transformed = hk.transform(lambda *args, **kwargs: Llama(config, layout, lora)(*args, **kwargs))
+  transformed = hk.transform(lambda *args, **kwargs: fn(Llama(config, layout, lora), *args, **kwargs))
   if lora is None or not lora.dropout:
     return hk.without_apply_rng(transformed)
   return hk.Transformed(transformed.init, lambda params, *args, dropout_rng=None, **kwargs: transformed.apply(
       params, dropout_rng, *args, **kwargs))
-
