@@ -26,15 +26,16 @@ STEPS = dict(TRAIN_STEPS=6, CHECKPOINT_EVERY=3)
 
 @pytest.fixture(scope="module")
 def lora_args(shakespeare_data_dir, shakespeare_tokenizer_dir, shakespeare_dir, tmp_path_factory) -> list[str]:
-  """A random base checkpoint of the small model with the test tokenizer, and the LoRA run's flags on it."""
+  """A random base checkpoint of the small model with the test tokenizer, and the LoRA run's flags on it (two
+  document shards: the same batches for any process count)."""
   config = config_lib.LlamaConfig(vocab_size=2048, d_model=64, num_layers=2, num_heads=8, num_kv_heads=4, d_ff=128,
                                   max_seq_len=512)
   params = make_forward(config).init(jax.random.PRNGKey(0), np.zeros((1, 2), np.int32))
   base = tmp_path_factory.mktemp("lora_run") / "base"
   checkpoints.save(base, config, jax.device_get(params), Tokenizer.from_dir(shakespeare_tokenizer_dir))
   bindings = {"DATA_DIR": repr(str(shakespeare_data_dir)), "SHAKESPEARE_SOURCE_DIR": repr(str(shakespeare_dir)),
-              "INIT_CHECKPOINT": repr(str(base)), "TOKENIZER_DIR": None, "SEQ_LEN": 32, "BATCH_SIZE": 4,
-              "WARMUP_STEPS": 1, "LEARNING_RATE": 1e-2, "LOG_EVERY": 1, "EVAL_EVERY": 1000, "EVAL_MAX_BATCHES": 2,
+              "INIT_CHECKPOINT": repr(str(base)), "TOKENIZER_DIR": None, "NUM_SHARDS": 2, "SEQ_LEN": 32,
+              "BATCH_SIZE": 4, "WARMUP_STEPS": 1, "LEARNING_RATE": 1e-2, "LOG_EVERY": 1, "EVAL_EVERY": 1000, "EVAL_MAX_BATCHES": 2,
               "LORA_RANK": 4, "LORA_DROPOUT": 0.1, **MODEL}
   return (["--gin_file=gin/tiny.gin", "--gin_file=gin/runs/lora.gin"]
           + [f"--gin.{key}={value}" for key, value in bindings.items()])
@@ -91,26 +92,24 @@ def test_lora_sharded_fsdp_tensor_equals_one_device(tmp_path, lora_args, whole_r
 
 
 @pytest.mark.slow
-def test_lora_two_processes_train_like_one(tmp_path, lora_args):
-  args = lora_args + ["--gin_file=gin/sharding/fsdp.gin", "--gin.NUM_SHARDS=2"]
-  steps = dict(TRAIN_STEPS=3, CHECKPOINT_EVERY=3)
+def test_lora_two_processes_train_like_one(tmp_path, lora_args, whole_run):
+  two = lora_args + ["--gin_file=gin/sharding/fsdp.gin", "--num_processes=2"]
 
   def commands(port):
-    two = args + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
-    return [(train_command(tmp_path / "one", args, **steps), devices(4))] + [
-        (train_command(tmp_path / "two", two + [f"--process_id={i}"], **steps), devices(2)) for i in range(2)]
+    return [(train_command(tmp_path / "two", two + [f"--coordinator_address=127.0.0.1:{port}", f"--process_id={i}"],
+                           **STEPS), devices(2)) for i in range(2)]
 
   for result in run_group(commands, timeout=300):
     assert result.returncode == 0, result.stderr[-3000:]
-  single, multi = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+  single, multi = metrics(whole_run), metrics(tmp_path / "two")
   assert len(multi) == len(single)
   for a, b in zip(multi, single):
     for key in ("loss", "grad_norm", "eval_loss"):
       if key in b:
         assert a[key] == pytest.approx(b[key], rel=1e-5), (key, multi, single)
   # Process 0 writes the adapter gathered from both processes: the one process's, up to reduction order.
-  written = [safetensors_io.SafetensorsFile(str(tmp_path / run / "adapters" / "3" / "adapter_model.safetensors"))
-             for run in ("one", "two")]
+  written = [safetensors_io.SafetensorsFile(str(run / "adapters" / "3" / "adapter_model.safetensors"))
+             for run in (whole_run, tmp_path / "two")]
   assert set(written[0].keys()) == set(written[1].keys())
   for name in written[0].keys():
     np.testing.assert_allclose(written[1].get(name), written[0].get(name), atol=1e-5, err_msg=name)

@@ -4,7 +4,7 @@ Every command of README's ```sh blocks runs in order, from a temporary working d
 (`bin/`, `../shared` with the model and the plays, a `lear.txt` and a `prompts.txt`). What makes it run unattended
 and within the budget is all the test changes:
 - `/tmp/...` paths, in the command and in the /tmp macros of the gin files it names, point into the directory;
-- fixed ports become free ones, and bracketed optional arguments `[...]` are dropped;
+- bracketed optional arguments `[...]` are dropped;
 - the install steps of a `&&` chain (`python3 -m venv`, `. .venv/bin/activate`, `pip install`) are skipped: the
   suite runs inside that install;
 - bin/train and bin/train_tokenizer get `--gin.` overrides appended that shorten them (bin/generate a smaller
@@ -13,12 +13,14 @@ and within the budget is all the test changes:
 - the inputs are small: lear.txt is the play's first lines, the converted SmolLM2 that the examples name is the
   session's (when no earlier command made it), and the prepared Shakespeare TFDS directory (the gin files'
   DATA_DIR) starts as a copy of the session's, so that the commands which only read it do not wait for one another.
-A command that cannot run unattended ends with `# (not run by tests/test_readme.py)` in README, and is skipped.
+A command that cannot run unattended ends with `# (not run by tests/test_readme.py)` in README, and is skipped; so
+does the two-process evaluation, which tests/test_sharding.py runs and compares with one process.
 Commands that name no common /tmp path do not depend on each other, and run side by side.
 """
 
 import dataclasses
 import itertools
+import json
 import os
 import pathlib
 import re
@@ -30,8 +32,6 @@ import time
 from concurrent import futures
 
 import pytest
-
-import harness
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -101,7 +101,6 @@ def prepare(command: str, work: pathlib.Path) -> str:
   command = re.sub(r"\s+#[^'\"]*$", "", command)  # A trailing comment; overrides go after the last argument.
   command = re.sub(r"\s*\[[^\]]*\]", "", command)
   command = re.sub(r"(?<![\w.])/tmp/", f"{work}/tmp/", command)
-  command = re.sub(r"localhost:\d+", lambda _: f"localhost:{harness.free_port()}", command)
   segments = []
   for segment in command.split(" && "):
     if segment.startswith(INSTALL_STEPS):
@@ -196,6 +195,22 @@ def test_readme_command(command, runs):
       f"{result.stderr[-3000:]}")
 
 
+@pytest.mark.slow
+def test_readme_fine_tune_of_smollm2_lowers_validation_loss(runs):
+  """README's fine-tune of the real model from its GGUF (gin/smollm2_135m_shakespeare.gin), as shortened here."""
+  [line] = [c.line for c in COMMANDS if "--gin_file=gin/smollm2_135m_shakespeare.gin" in c.text]
+  run, result, _ = runs[line]
+  assert result.returncode == 0, result.stderr[-3000:]
+  model_dir = pathlib.Path(re.search(r"--model_dir=(\S+)", run).group(1))
+  records = [json.loads(r) for r in (model_dir / "metrics.jsonl").read_text().splitlines()]
+  before, after = [r for r in records if "eval_loss" in r]
+  assert (before["step"], after["step"]) == (0, 2)
+  assert after["eval_loss"] < before["eval_loss"] and after["eval_perplexity"] < before["eval_perplexity"]
+  assert before["eval_perplexity"] < 100  # The pretrained model already knows English: not a random start.
+  assert (f"validation perplexity {before['eval_perplexity']:.3f} at step 0 -> {after['eval_perplexity']:.3f} at "
+          "step 2") in result.stdout
+
+
 def test_readme_marks_the_commands_it_cannot_run():
   unattended = [c for c in COMMANDS if "pytest" in c.text or "--interactive" in c.text]
   assert unattended and all(c.text.endswith(SKIP_MARK) for c in unattended), unattended
@@ -206,4 +221,4 @@ def test_prepared_commands_write_only_into_the_working_directory():
   # ../shared's own path (a checkout under /tmp has one there) is read, never written.
   written = [p.replace("/work_dir/tmp/", "").replace(str(SHARED), "") for p in prepared]
   assert prepared and not any(re.search(r"(?<![\w.])/tmp/", p) for p in written)
-  assert not any("[" in p or "localhost:12355" in p or p.startswith(INSTALL_STEPS) for p in prepared)
+  assert not any("[" in p or p.startswith(INSTALL_STEPS) for p in prepared)

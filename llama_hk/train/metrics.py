@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import pathlib
+import sys
 import time
 
 import jax
@@ -18,6 +19,20 @@ from llama_hk import io_utils
 from llama_hk.config import LlamaConfig, num_params
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def _tensorboard_x():
+  """tensorboardX, imported with torch hidden unless already loaded: it imports torch (~3 s) only to accept torch
+  tensors, and the run writes Python floats."""
+  if "torch" in sys.modules:
+    import tensorboardX
+    return tensorboardX
+  sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX catches.
+  try:
+    import tensorboardX
+  finally:
+    del sys.modules["torch"]
+  return tensorboardX
 
 
 class MetricsWriter:
@@ -31,8 +46,7 @@ class MetricsWriter:
     self.path = model_dir / METRICS_FILE
     self._truncate_after(keep_through)
     self.file = open(self.path, "a")
-    import tensorboardX  # Here, not at the top: it imports torch, which evaluation and generation never need.
-    self.tensorboard = tensorboardX.SummaryWriter(str(model_dir), purge_step=keep_through + 1)
+    self.tensorboard = _tensorboard_x().SummaryWriter(str(model_dir), purge_step=keep_through + 1)
 
   def _truncate_after(self, step: int) -> None:
     """Drops lines of steps after the restored checkpoint (a killed run logged them; they are redone)."""
