@@ -138,13 +138,17 @@ def test_unknown_task_says_how_to_list_tasks(tasks_dir, tmp_path):
 
 
 @pytest.mark.parametrize("tie_word_embeddings", [False, True])
-def test_scorer_head_blocks_equal_transformers_log_softmax(tiny_hf_model, tie_word_embeddings):
-  """The scorer's LM head in blocks (2 rows x 128 scored positions: two blocks of HEAD_BLOCK) gives transformers'
-  float64 log-softmax of each target and its argmax flag, at scored positions given out of order."""
+@pytest.mark.parametrize("blocks", ["vocab 48", "vocab 32", "positions"])
+def test_scorer_head_blocks_equal_transformers_log_softmax(tiny_hf_model, tie_word_embeddings, blocks):
+  """The scorer's LM head in blocks gives transformers' float64 log-softmax of each target and its argmax flag, at
+  scored positions given out of order: one device's blocks of token ids (V = 160: 4 blocks of 48, the last
+  overlapping the third, or 5 of 32) and a mesh's blocks of positions (2 rows x 128 scored: 2 blocks of 128)."""
+  import jax
   import numpy as np
   import torch
 
   from llama_hk import params as param_table
+  from llama_hk import sharding
   from llama_hk.config import from_hf_config
   from llama_hk.eval import harness
 
@@ -161,7 +165,11 @@ def test_scorer_head_blocks_equal_transformers_log_softmax(tiny_hf_model, tie_wo
     logp = torch.log_softmax(hf(torch.from_numpy(tokens).long()).logits.double(), dim=-1).numpy()  # (2, 128, V)
   rows = np.arange(2)[:, None]
   targets[0, :8] = logp[0, scored[0, :8]].argmax(-1)  # So that both flags occur.
-  logprob, greedy = harness._scorer(config, None, None)(params, tokens, positions, ones, zeros, scored, targets)
+  mesh = sharding.make_mesh(devices=jax.devices()[:1]) if blocks == "positions" else None
+  vocab_block = int(blocks.split()[-1]) if mesh is None else harness.VOCAB_BLOCK
+  with sharding.axis_rules(mesh):
+    logprob, greedy = harness._scorer(config, None, mesh, vocab_block, head_block=128)(
+        params, tokens, positions, ones, zeros, scored, targets)
   expected = logp[rows, scored, targets]  # (2, 128)
   diff = np.max(np.abs(np.asarray(logprob) - expected))
   print(f"blocked scorer max abs log-probability diff {diff:.2e}")

@@ -79,6 +79,11 @@ def test_int8_and_bfloat16_matmuls_match_float32_products():
   out = head.apply({}, x, table, scale)
   exact = np.einsum("btd,vd->btv", x.astype(np.float64), table * scale[:, None].astype(np.float64))
   assert _relative(out, exact) <= 1e-5
+  columns = jax.jit(hk.without_apply_rng(hk.transform(lambda x, w, s, start: dense.dense(  # The scorer's blocks.
+      x, "BTD,VD->BTV", "embeddings", sizes={}, dtype="float32", param_dtype="int8", weight=w, weight_scale=s,
+      columns=(start, 12), preferred_element_type=jnp.float32))).apply)
+  for start in (0, 7, 18):
+    assert _relative(columns({}, x, table, scale, start), exact[..., start:start + 12]) <= 1e-5, start
 
 
 def test_quantize_is_per_output_channel_and_rows_shard_as_outputs():

@@ -44,36 +44,75 @@ from llama_hk.tokenizers.tokenizer import Tokenizer
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_GEN_TOKS = 256  # The `hf` backend's.
 PACK_TOKENS = 128  # The shortest row: requests shorter than this share rows.
-HEAD_BLOCK = 128  # Scored positions the LM head and its log-softmax take at a time.
+HEAD_BLOCK = 128  # Scored positions a block of the LM head takes on a mesh.
+VOCAB_BLOCK = 1024  # Token ids a block of the LM head takes on one device.
 
 
 @functools.lru_cache(maxsize=None)
-def _scorer(config: LlamaConfig, lora: LoraConfig | None, mesh):
+def _scorer(config: LlamaConfig, lora: LoraConfig | None, mesh, vocab_block: int = VOCAB_BLOCK,
+            head_block: int = HEAD_BLOCK):
   """params, tokens, positions, segment_ids, branch_ids (B, T), scored (B, S) time indices and their targets (B, S)
-  -> each target's log-probability and whether it is the argmax (B, S), replicated over `mesh`; the LM head runs at
-  the scored positions only, HEAD_BLOCK of them at a time (B x S x V float32 logits at once would go out to memory
-  and back for the log-softmax; a block's stay in cache), and a request's sum is taken on the host, in float64."""
+  -> each target's log-probability and whether its logit is the largest (B, S), replicated over `mesh`; a
+  request's sum is taken on the host, in float64. The LM head runs at the scored positions only, in blocks, as
+  B x S x V float32 logits at once would go out to memory and back for the log-softmax: on one device in blocks of
+  VOCAB_BLOCK token ids with a running log-sum-exp (the head's weight read once), on a mesh, where the vocabulary
+  may be split over devices and a block of it would be gathered, in blocks of HEAD_BLOCK positions. Greedy is the
+  target's logit equal to the largest, without an argmax pass (a tie counts as greedy, where the `hf` backend's
+  argmax takes the lowest id)."""
 
   def score(model, tokens, positions, segment_ids, branch_ids, scored, targets):
     x, _ = model.hidden(tokens, positions, segment_ids, logits_at=scored, branch_ids=branch_ids)  # (B, S, D)
-    b, s, d = x.shape
-    width = s  # Of each row's S positions a block: S halved while the block passes HEAD_BLOCK, so W divides S.
-    while width * b > HEAD_BLOCK and width % 2 == 0:
-      width //= 2
-
-    def block(_, inputs):
-      x, targets = inputs  # (B, W, D), (B, W)
-      logits = model.logits(x)  # (B, W, V) float32
-      target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # (B, W)
-      return None, (target_logits - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets)
-
-    x = x.reshape(b, s // width, width, d).swapaxes(0, 1)  # (S / W, B, W, D)
-    targets = targets.reshape(b, s // width, width).swapaxes(0, 1)  # (S / W, B, W)
-    _, (logprob, greedy) = hk.scan(block, None, (x, targets))  # (S / W, B, W)
-    return tuple(a.swapaxes(0, 1).reshape(b, s) for a in (logprob, greedy))  # (B, S)
+    if mesh is None:
+      return _by_vocab_blocks(model, x, targets, vocab_block)
+    return _by_position_blocks(model, x, targets, head_block)
 
   return jax.jit(transform_model(config, score, lora=lora).apply,
                  out_shardings=None if mesh is None else NamedSharding(mesh, PartitionSpec()))
+
+
+def _by_vocab_blocks(model, x, targets, vocab_block: int):
+  """x (B, S, D), targets (B, S) -> log-probabilities, greedy (B, S): the head in blocks of W = vocab_block token
+  ids, the last
+  block ending at V (its ids that the block before it covered masked), a running maximum and sum of exponentials."""
+  vocab = model.config.vocab_size
+  width = min(vocab_block, vocab)
+  count = -(-vocab // width)
+
+  def block(carry, i):
+    top, total, target_logit = carry  # (B, S) each: the largest logit so far, sum of exp(logit - top), the target's
+    start = jnp.minimum(i * width, vocab - width)
+    logits = model.logits(x, vocab_block=(start, width))  # (B, S, W) float32
+    if vocab % width:
+      logits = jnp.where(start + jnp.arange(width) >= i * width, logits, -jnp.inf)  # (B, S, W)
+    new_top = jnp.maximum(top, logits.max(axis=-1))  # (B, S)
+    total = total * jnp.exp(top - new_top) + jnp.exp(logits - new_top[..., None]).sum(axis=-1)  # (B, S)
+    here = (targets >= i * width) & (targets < start + width)  # (B, S)
+    picked = jnp.take_along_axis(logits, jnp.clip(targets - start, 0, width - 1)[..., None], axis=-1)[..., 0]
+    return (new_top, total, jnp.where(here, picked, target_logit)), None
+
+  zeros = jnp.zeros(targets.shape, jnp.float32)  # (B, S)
+  (top, total, target_logit), _ = hk.scan(block, (zeros - jnp.inf, zeros, zeros), jnp.arange(count))
+  return target_logit - (top + jnp.log(total)), target_logit >= top  # (B, S) x 2
+
+
+def _by_position_blocks(model, x, targets, head_block: int):
+  """x (B, S, D), targets (B, S) -> log-probabilities, greedy (B, S): the head at W <= head_block / B positions of
+  each row at a time (S halved while the block passes head_block, so W divides S)."""
+  b, s, d = x.shape
+  width = s
+  while width * b > head_block and width % 2 == 0:
+    width //= 2
+
+  def block(_, inputs):
+    x, targets = inputs  # (B, W, D), (B, W)
+    logits = model.logits(x)  # (B, W, V) float32
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # (B, W)
+    return None, (target_logits - jax.nn.logsumexp(logits, axis=-1), target_logits >= logits.max(axis=-1))
+
+  x = x.reshape(b, s // width, width, d).swapaxes(0, 1)  # (S / W, B, W, D)
+  targets = targets.reshape(b, s // width, width).swapaxes(0, 1)  # (S / W, B, W)
+  _, (logprob, greedy) = hk.scan(block, None, (x, targets))  # (S / W, B, W)
+  return tuple(a.swapaxes(0, 1).reshape(b, s) for a in (logprob, greedy))  # (B, S)
 
 
 def _host(x) -> np.ndarray:
@@ -239,11 +278,12 @@ class LlamaHkLM(TemplateLM):
     from position 0, then its requests' branches 1, 2, ... each from the position where the prefix ends, then
     padding (segment 0); scored and targets: (R, S), each row's scored time indices in turn (a request's: the
     prefix's last, then its branch) and their targets, S their bucket (padded with index 0, scoring nothing); and
-    each request's (row, index, slice of S)."""
+    each request's (row, index, slice of S). T is cut to the bucket of the longest row where the rows are shorter
+    (the last batch)."""
     shards = sharding.batch_multiple(self.mesh)
     height = min(-(-decode.batch_bucket(len(batch)) // shards) * shards, self.batch_size)
     tokens, positions, segment_ids, branch_ids = (np.zeros((height, time), np.int32) for _ in range(4))
-    row_scored, row_targets, spans = [], [], []
+    row_scored, row_targets, spans, longest = [], [], [], 0
     for r, row in enumerate(batch):
       at, want = [], []
       for segment, (start, members) in enumerate(row, 1):
@@ -261,8 +301,11 @@ class LlamaHkLM(TemplateLM):
           at.extend(start + v if v < shared else end + v - shared for v in range(len(inputs) - scored, len(inputs)))
           want.extend(outputs[len(inputs) - scored:])
           end += n
+        longest = max(longest, end)
       row_scored.append(at)
       row_targets.append(want)
+    time = min(time, decode.bucket(longest))  # A batch that its rows do not fill (the last) cut to their bucket.
+    tokens, positions, segment_ids, branch_ids = (a[:, :time] for a in (tokens, positions, segment_ids, branch_ids))
     width = decode.bucket(max(map(len, row_scored)))  # Above T where requests share a short prefix.
     scored, targets = (np.zeros((height, width), np.int32) for _ in range(2))
     for r, (at, want) in enumerate(zip(row_scored, row_targets)):

@@ -193,14 +193,15 @@ class Llama(_Module):
     return RMSNorm(c, name="norm")(x), cache  # (B, T, D)
 
   @hk.transparent
-  def logits(self, x):
-    """The LM head: `hidden`'s output (B, T, D) -> float32 logits (B, T, V)."""
+  def logits(self, x, vocab_block: tuple[jax.Array, int] | None = None):
+    """The LM head: `hidden`'s output (B, T, D) -> float32 logits (B, T, V); with vocab_block = (start, W), those of
+    token ids start ... start + W - 1 only (B, T, W)."""
     if self.config.tie_embeddings:
       embeddings, scale = self._embedding_table()  # (V, D), (V,) or None
-      return self.dense(x, "BTD,VD->BTV", "embeddings", weight=embeddings, weight_scale=scale,
+      return self.dense(x, "BTD,VD->BTV", "embeddings", weight=embeddings, weight_scale=scale, columns=vocab_block,
                         preferred_element_type=jnp.float32)  # (B, T, V)
     with hk.name_scope("lm_head"):
-      return self.dense(x, "BTD,DV->BTV", "w", preferred_element_type=jnp.float32)  # (B, T, V)
+      return self.dense(x, "BTD,DV->BTV", "w", columns=vocab_block, preferred_element_type=jnp.float32)  # (B, T, V)
 
   @hk.transparent
   def _embedding_table(self):

@@ -67,7 +67,8 @@ def to_layout(params: Mapping, layout: WeightLayout) -> Mapping:
 def dense(x: jax.Array, spec: str, name: str, *, sizes: Mapping[str, int], dtype, param_dtype,
           init: hk.initializers.Initializer | None = None, layout: WeightLayout = WeightLayout(),
           weight: jax.Array | None = None, weight_scale: jax.Array | None = None,
-          lora: lora_lib.LoraConfig | None = None, **einsum_kwargs) -> jax.Array:
+          lora: lora_lib.LoraConfig | None = None, columns: tuple[jax.Array, int] | None = None,
+          **einsum_kwargs) -> jax.Array:
   """x times the weight `name` as the einsum `spec` says, e.g. "BTD,DNK->BTNK".
 
   The weight is a parameter of the current Haiku module (made here, in `layout`) unless given. `spec` names its
@@ -89,6 +90,8 @@ def dense(x: jax.Array, spec: str, name: str, *, sizes: Mapping[str, int], dtype
     weight: an existing 2-D weight to use instead of the parameter `name`.
     weight_scale: the per-output-channel scale of an int8 `weight`.
     lora: an adapter whose low-rank term is added where it targets `name` (ops.lora); None: none.
+    columns: (start, size): the product with the output columns start ... start + size - 1 only, of a weight with
+      one output axis (a block of the LM head's vocabulary); start may be traced, size is static.
     **einsum_kwargs: for jnp.einsum, e.g. preferred_element_type.
   """
   operands, out_axes = spec.split("->")
@@ -118,6 +121,13 @@ def dense(x: jax.Array, spec: str, name: str, *, sizes: Mapping[str, int], dtype
       w = w.reshape(n_in, n_out)  # (in, out)
     if jnp.dtype(param_dtype) == jnp.int8:
       scale = hk.get_parameter(f"{name}_scale", list(out_shape), jnp.float32, init=jnp.ones)
+  if columns is not None:
+    if len(out_shape) != 1 or (lora is not None and name in lora.weight_names):
+      raise ValueError(f"dense {name}: columns need one output axis and no adapter")
+    start, size = columns
+    w = jax.lax.dynamic_slice_in_dim(w, start, size, axis=0 if out_in else 1)  # (size, in) or (in, size)
+    scale = None if scale is None else jax.lax.dynamic_slice_in_dim(scale, start, size)  # (size,)
+    out_shape = (size,)
   y = _product(x, w, dtype, out_in, name in layout.library_matvec, einsum_kwargs)  # (M, out)
   if scale is not None:
     y = y * scale.reshape(-1).astype(y.dtype)  # (M, out)
