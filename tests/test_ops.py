@@ -242,3 +242,30 @@ def test_decode_plan_rules_on_cpu():
 def test_device_peak_flops():
   assert platform.device_peak_flops(types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")) == 989e12
   assert platform.measure_matmul_peak(size=64, seconds=0.01) > 0
+
+
+def test_narrow_head_in_a_loop_is_converted_inside_its_product(monkeypatch):
+  """XLA:CPU hoists the conversion of a weight that a loop does not slice (the head's table in the decode loop) out
+  of the loop, a float32 copy of the whole written each call and read each step; in column blocks
+  (CONVERT_BLOCK_BYTES) each block is converted inside the product, and the values stay the same."""
+  rng = np.random.default_rng(5)
+  table = jnp.asarray(rng.integers(-127, 128, (64, 32)), jnp.int8)  # (V, D)
+  scale = jnp.asarray(rng.uniform(1e-3, 1e-2, (64,)), jnp.float32)  # (V,)
+  x = jnp.asarray(rng.standard_normal((1, 1, 32)), jnp.float32)  # (B, T, D)
+
+  def loop():  # A new function each call, so that each traces under the block size of its time.
+    def steps(x, table, scale):
+      def step(_, x):
+        logits = dense.dense(x, "BTD,VD->BTV", "embeddings", sizes={}, dtype="float32", param_dtype="int8",
+                             weight=table, weight_scale=scale)  # (B, T, V)
+        return x + jnp.tanh(logits[..., :32])
+      return jax.lax.fori_loop(0, 4, step, x)
+    return jax.jit(steps)
+
+  whole_table = "f32[64,32]"
+  assert whole_table in loop().lower(x, table, scale).compile().as_text()
+  expected = loop()(x, table, scale)
+  monkeypatch.setattr(dense, "CONVERT_BLOCK_BYTES", 16 * 32 * 4)  # Blocks of 16 float32 columns of D = 32: 4.
+  assert dense._column_blocks(64, 32 * 4) == 4
+  assert whole_table not in loop().lower(x, table, scale).compile().as_text()
+  np.testing.assert_allclose(loop()(x, table, scale), expected, rtol=1e-6, atol=1e-6)

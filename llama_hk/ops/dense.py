@@ -6,8 +6,10 @@ shape glossary's letters.
 int8 weights (param_dtype int8, params.py) are dequantized in the dot: the int8 weight is converted to the compute
 dtype inside the product's fusion, and the per-output-channel scale multiplies the product's columns afterwards,
 (x q) * s = x (q * s) exactly in real arithmetic. XLA:CPU writes the converted weight out before its matrix
-library call, so a narrow weight whose compute-dtype copy would pass CONVERT_BLOCK_BYTES (an 8B model's output
-head: 2 GiB in float32) is multiplied in blocks of output columns, converted one block at a time.
+library call, and hoists the conversion of a weight that a loop does not slice (the LM head's table in the decode
+loop) out of the loop: a float32 copy written each call and read each step. So a narrow weight whose compute-dtype
+copy would pass CONVERT_BLOCK_BYTES (SmolLM2's tied head: 113 MB in float32; an 8B model's: 2 GiB) is multiplied
+in blocks of output columns, converted one block at a time inside the product.
 
 bfloat16 weights may come as their bits (uint16, `as_bits`): XLA:CPU computes no bfloat16 slicing or gathering
 itself and converts the whole operand to float32 first (an (L, ...) stack sliced in the layer scan: 30 GiB for an
@@ -27,7 +29,7 @@ from llama_hk import params as param_table
 from llama_hk import sharding
 from llama_hk.ops import lora as lora_lib
 
-CONVERT_BLOCK_BYTES = 256 << 20  # The largest compute-dtype copy of a narrow weight that one product makes.
+CONVERT_BLOCK_BYTES = 16 << 20  # The largest compute-dtype copy of a narrow weight that one product makes.
 
 
 @dataclasses.dataclass(frozen=True)
