@@ -72,8 +72,8 @@ def _scorer(config: LlamaConfig, lora: LoraConfig | None, mesh, vocab_block: int
 
 def _by_vocab_blocks(model, x, targets, vocab_block: int):
   """x (B, S, D), targets (B, S) -> log-probabilities, greedy (B, S): the head in blocks of W = vocab_block token
-  ids, the last
-  block ending at V (its ids that the block before it covered masked), a running maximum and sum of exponentials."""
+  ids, the last block ending at V (its ids that the block before it covered masked), a running maximum and sum of
+  exponentials."""
   vocab = model.config.vocab_size
   width = min(vocab_block, vocab)
   count = -(-vocab // width)
