@@ -12,7 +12,6 @@ needed; the weights are random, so perplexity and text mean nothing: the figures
 import argparse
 import json
 import pathlib
-import platform
 import re
 import shutil
 import subprocess
@@ -21,16 +20,13 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 VOCAB, D, F, HEADS, KV_HEADS, HEAD_DIM = 128256, 4096, 14336, 32, 8, 128  # Llama-3-8B.
 
-
-def cpu_model() -> str:
-  for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-    if line.startswith("model name"):
-      return line.split(":", 1)[1].strip()
-  return platform.processor()
 
 
 def _q4_k_blocks(rng, rows: int, cols: int) -> np.ndarray:
@@ -140,7 +136,7 @@ def main() -> None:
     print(f"{weights}: weights {size:.2f} GiB; bin/eval peak RSS {eval_rss:.2f} GiB ({eval_rss / size:.2f}x), "
           f"{eval_wall:.0f} s for {evaluated['tokens']} tokens; bin/generate peak RSS {gen_rss:.2f} GiB "
           f"({gen_rss / size:.2f}x), {gen_wall:.0f} s, decode {stats['decode_tokens_per_s']} tokens/s", flush=True)
-  print(f"\nCPU: {cpu_model()}; {params:,} parameters ({args.layers} layers)")
+  print(f"\n{describe()}; {params:,} parameters ({args.layers} layers)")
   print("| weights | loaded size | bin/eval peak RSS | bin/generate peak RSS | decode tokens/s |")
   print("|---|---:|---:|---:|---:|")
   for weights, size, eval_rss, _, _, gen_rss, _, speed in rows:

@@ -33,7 +33,7 @@ CHOICES = 4
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 from reference import smollm2_hf_dir  # noqa: E402  The tests' float32 HF copy of the GGUF.
-from weights import cpu_model  # noqa: E402
+from machine import cpu_model  # noqa: E402
 
 
 def write_task(directory: pathlib.Path, docs: int) -> None:

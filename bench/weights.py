@@ -11,21 +11,14 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from generate import PROMPT, llama_hk_runner, measure, smollm2_hf_dir  # noqa: E402
+from machine import cpu_model, describe  # noqa: E402
 
 WEIGHTS = ("float32", "bfloat16", "int8")
 
-
-def cpu_model() -> str:
-  try:
-    lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-    return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return platform.processor() or "unknown CPU"
 
 
 def main():
@@ -43,7 +36,8 @@ def main():
   rates = measure({w: (llama_hk_runner(hf_dir, dtype=w), (1, 8), False) for w in WEIGHTS}, prompt, None,
                   args.new_tokens, args.repeats)
   load_after = os.getloadavg()
-  print(f"SmolLM2-135M decode by --weights, float32 compute; {cpu_model()}, {os.cpu_count()} cores; "
+  print(describe())
+  print(f"SmolLM2-135M decode by --weights, float32 compute; "
         f"{args.new_tokens} new tokens, best of {args.repeats}; load average {load_before[0]:.2f} before, "
         f"{load_after[0]:.2f} after")
   print(f"{'weights':10s}{'batch 1':>10s}{'vs f32':>8s}{'batch 8':>10s}{'vs f32':>8s}  (tokens/s)")
