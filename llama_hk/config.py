@@ -17,7 +17,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 PARAM_DTYPES = DTYPES + ("int8",)
 REMAT_POLICIES = ("none", "full", "dots")
 # Attention without a KV cache (ops.attention.IMPLS); with a cache the model runs ops.attention's "cached" kernels.
-ATTENTION_IMPLS = ("split_causal", "reference", "jax", "cudnn")
+ATTENTION_IMPLS = ("split_causal", "reference", "jax", "cudnn", "splash", "splash_interpret")
 # Family -> its Hugging Face architecture; the family is also its HF model_type.
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 MISTRAL_SLIDING_WINDOW = 4096  # transformers' MistralConfig default, for a config.json without the key.
@@ -71,6 +71,9 @@ class LlamaConfig:
       raise UserError(f"LlamaConfig.remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise UserError(f"LlamaConfig.attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+    if self.attention_impl == "cudnn" and self.compute_dtype not in ("bfloat16", "float16"):
+      raise UserError(f"LlamaConfig.attention_impl='cudnn' needs compute_dtype 'bfloat16' or 'float16', not "
+                      f"{self.compute_dtype!r}")
     if self.rope_scaling not in ROPE_SCALINGS:
       raise UserError(f"LlamaConfig.rope_scaling={self.rope_scaling!r} is not one of {ROPE_SCALINGS}")
     for name, allowed in (("param_dtype", PARAM_DTYPES), ("compute_dtype", DTYPES)):

@@ -66,6 +66,9 @@ def check_attention_impl(impl: str) -> None:
   if impl == "cudnn" and jax.default_backend() != "gpu":
     raise UserError(f"LlamaConfig.attention_impl='cudnn' needs a GPU, and this backend is {jax.default_backend()} "
                     f"(use 'split_causal')")
+  if impl == "splash" and jax.default_backend() != "tpu":
+    raise UserError(f"LlamaConfig.attention_impl='splash' needs a TPU, and this backend is {jax.default_backend()} "
+                    f"(use 'split_causal', or 'splash_interpret' to run the kernel in Pallas's interpreter)")
 
 
 def measure_matmul_peak(size: int = 1024, dtype=jnp.float32, seconds: float = 0.5) -> float:

@@ -92,6 +92,86 @@ def test_cached_attention_equals_reference(t):
                                 (q, key, value))
 
 
+def _documents(t):
+  """Row 0: three packed documents, then padding; row 1: two documents, the second running to the end."""
+  segments = np.zeros((B, t), np.int32)
+  segments[0, :5], segments[0, 5:11], segments[0, 11:t - 3] = 1, 2, 3
+  segments[1, :t // 2], segments[1, t // 2:] = 1, 2
+  return segments
+
+
+def _numpy_mask(segments, window):
+  """Which keys each query sees, written independently of attention_mask: the same segment, not ahead, and with a
+  window, fewer than `window` positions back."""
+  t = segments.shape[1]
+  queries, keys = np.arange(t)[:, None], np.arange(t)[None, :]
+  seen = (queries >= keys) & ((queries - keys < window) if window else True)
+  return seen[None] & (segments[:, :, None] == segments[:, None, :])
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_reference_honours_segments_padding_and_window(window):
+  q, key, value = _qkv(np.random.default_rng(18), 24, 24)
+  segments = _documents(24)
+  mask = attention.Mask(segments, window=window)
+  np.testing.assert_array_equal(mask.dense(), _numpy_mask(segments, window))
+  logits = np.einsum("btghk,bsgk->bghts", q, key) / np.sqrt(K)
+  logits = np.where(_numpy_mask(segments, window)[:, None, None], logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  expected = np.einsum("bghts,bsgk->btghk", probs / probs.sum(-1, keepdims=True), value)
+  np.testing.assert_allclose(attention.attend(q, key, value, mask, "reference"), expected, atol=1e-5, rtol=0)
+
+
+# Each implementation as the model runs it (a Mask; "jax" makes the arguments "cudnn" passes, run by XLA), against
+# the reference under the Mask's dense booleans. T = 128 lets split_causal split; splash pads 24 to its block of 128.
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("impl, t", [("split_causal", 128), ("jax", 24), ("splash_interpret", 24)])
+def test_every_implementation_honours_segments_padding_and_window(impl, t, window):
+  """Values and gradients equal the reference's with packed rows, padding and a window; the same implementation
+  told the rows are single documents (as MaxText's cuDNN path took them) gives other values, so a kernel that
+  dropped the segment ids would fail here."""
+  q, key, value = _qkv(np.random.default_rng(19), t, t)
+  segments = _documents(t)
+  mask = attention.Mask(segments, window=window)
+  _assert_same_values_and_grads(lambda *a: attention.attend(*a, mask, impl),
+                                lambda *a: attention.attend(*a, mask.dense(), "reference"), (q, key, value),
+                                grads_atol=2e-5)  # Measured: values <= 2.4e-6, gradients (up to 14) <= 8.6e-6.
+  ignoring = attention.Mask(np.ones_like(segments), window=window, unsegmented=True)
+  wrong = jax.jit(lambda *a: attention.attend(*a, ignoring, impl))(q, key, value)
+  expected = attention.attend(q, key, value, mask.dense(), "reference")
+  real = segments != 0
+  assert np.abs(np.asarray(wrong) - np.asarray(expected))[real].max() > 0.1
+
+
+# 128: splash without padding, so with no segment ids at all.
+@pytest.mark.parametrize("impl, t", [("jax", 24), ("splash_interpret", 128)])
+def test_unsegmented_mask_is_causal(impl, t):
+  """Rows of one document (no segment ids sent): causal attention within the window."""
+  q, key, value = _qkv(np.random.default_rng(20), t, t)
+  mask = attention.Mask(np.ones((B, t), np.int32), window=5, unsegmented=True)
+  _assert_same_values_and_grads(lambda *a: attention.attend(*a, mask, impl),
+                                lambda *a: attention.attend(*a, mask.dense(), "reference"), (q, key, value),
+                                grads_atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", ["jax", "splash_interpret"])
+def test_model_with_a_fused_kernel_equals_reference(impl):
+  """The model passes the fused kernels its Mask: packed rows with a Mistral window, and rows without segment ids,
+  give the reference implementation's logits."""
+  config = _config(family="mistral", sliding_window=4)
+  params = _random_params(config, seed=6)
+  tokens = np.random.default_rng(21).integers(0, config.vocab_size, (B, 24)).astype(np.int32)
+  segments = _documents(24)
+  positions = np.stack([np.concatenate([np.arange(5), np.arange(6), np.arange(13)]),
+                        np.concatenate([np.arange(12), np.arange(12)])]).astype(np.int32)  # Each document from 0.
+  ours = jax.jit(llama.make_forward(config.replace(attention_impl=impl)).apply)
+  reference = jax.jit(llama.make_forward(config.replace(attention_impl="reference")).apply)
+  real = segments != 0
+  np.testing.assert_allclose(np.asarray(ours(params, tokens, positions, segments)[0])[real],
+                             np.asarray(reference(params, tokens, positions, segments)[0])[real], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(ours(params, tokens)[0], reference(params, tokens)[0], atol=1e-4, rtol=0)
+
+
 def test_every_config_choice_is_an_implementation():
   assert set(config_lib.ATTENTION_IMPLS) <= set(attention.IMPLS)
   with pytest.raises(UserError, match="attention_impl='flash' is not one of"):
@@ -100,8 +180,22 @@ def test_every_config_choice_is_an_implementation():
 
 def test_cudnn_on_cpu_is_a_one_line_error():
   with pytest.raises(UserError, match=r"^LlamaConfig.attention_impl='cudnn' needs a GPU, and this backend is cpu"):
-    llama.make_forward(_config(attention_impl="cudnn"))
+    llama.make_forward(_config(attention_impl="cudnn", compute_dtype="bfloat16"))
+  with pytest.raises(UserError, match=r"^LlamaConfig.attention_impl='cudnn' needs compute_dtype 'bfloat16' or "
+                     r"'float16', not 'float32'$"):
+    _config(attention_impl="cudnn")
   platform.check_attention_impl("split_causal")
+
+
+def test_splash_outside_tpu_is_a_one_line_error():
+  with pytest.raises(UserError, match=r"^LlamaConfig.attention_impl='splash' needs a TPU, and this backend is cpu "
+                     r"\(use 'split_causal', or 'splash_interpret' .*\)$"):
+    llama.make_forward(_config(attention_impl="splash"))
+  platform.check_attention_impl("splash_interpret")
+  q, key, value = _qkv(np.random.default_rng(22), 8, 8)
+  with pytest.raises(ValueError, match="splash attention reads a Mask without branch_ids"):
+    attention.attend(q, key, value, attention.Mask(np.ones((B, 8), np.int32), np.ones((B, 8), np.int32)),
+                     "splash_interpret")
 
 
 def test_dense_computes_its_einsum():

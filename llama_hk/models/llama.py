@@ -22,8 +22,8 @@ same names.
 
 Every product of weights and activations goes through `ops.dense.dense`, every attention through
 `ops.attention.attend` (`config.attention_impl` without a cache, the cached kernels with one), under the one mask
-`ops.attention.attention_mask`, which carries Mistral's sliding window; Qwen2's q/k/v biases are added in
-`Attention._project`.
+`ops.attention.attention_mask` (or its structure, `ops.attention.Mask`, for the fused kernels), which carries
+Mistral's sliding window; Qwen2's q/k/v biases are added in `Attention._project`.
 
 Numerics: parameters are stored in `param_dtype` (int8: the matrix weights and embedding int8 with float32 scales,
 the rest float32; ops.dense) and cast to `compute_dtype` where used; RMSNorm statistics,
@@ -79,7 +79,8 @@ class Attention(_Module):
   """Grouped-query attention: G key-value heads shared by H = N / G query heads each (MHA: G = N; MQA: G = 1)."""
 
   def __call__(self, x, positions, mask, cache: kv_cache.LayerCache | None = None, cache_end=None):
-    """x (B, T, D), positions (B, T), mask (B, T, S); with a cache, each row's cache_end (B,).
+    """x (B, T, D), positions (B, T), mask (B, T, S) or an ops.attention.Mask; with a cache, each row's cache_end
+    (B,).
 
     Returns (B, T, D) and the cache for the next layer (or None).
     """
@@ -168,6 +169,7 @@ class Llama(_Module):
     if positions is None:
       base = jnp.zeros((b,), jnp.int32) if cache is None else cache_end
       positions = base[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # (B, T)
+    unsegmented = segment_ids is None and branch_ids is None
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)  # (B, T)
     embeddings, scale = self._embedding_table()  # (V, D), (V,) or None
@@ -175,8 +177,10 @@ class Llama(_Module):
     if scale is not None:
       x = x * jnp.take(scale, tokens, axis=0)[..., None].astype(c.compute_dtype)  # (B, T, D)
     x = sharding.constrain(x, ("act_batch", "act_length", "act_embed"))
-    mask = attention.attention_mask(segment_ids, cache_end, None if cache is None else cache.k.shape[3],
-                                    c.sliding_window, branch_ids)  # (B, T, S)
+    if cache is None:  # (B, T, S) booleans, or the Mask the fused kernels read.
+      mask = attention.self_attention_mask(c.attention_impl, segment_ids, c.sliding_window, branch_ids, unsegmented)
+    else:
+      mask = attention.attention_mask(segment_ids, cache_end, cache.k.shape[3], c.sliding_window)  # (B, T, S)
 
     def block(x, layer_cache):
       return DecoderBlock(c, self.layout, self.lora)(x, positions, mask, layer_cache, cache_end)

@@ -1,19 +1,26 @@
 """Attention behind one entry point, `attend`, whose implementation is a static name: the plain reference and the
 faster kernels, each tested against it (tests/test_ops.py).
 
-Shapes: q (B, T, G, H, K): T queries in G key-value groups of H heads; mask (B, T, S) booleans, True where a
-query sees a key. Keys and values are (B, S, G, K) as projected, except for "cached", which reads a layer of the
-KV cache where they lie, heads first: (B, G, S, K). Every implementation returns (B, T, G, H, K), computes the
-logits and the softmax in float32, and scales the logits by 1 / sqrt(K).
+Shapes: q (B, T, G, H, K): T queries in G key-value groups of H heads. The mask says which keys each query sees:
+(B, T, S) booleans, True where a query sees a key, or, for self-attention without a cache, a `Mask`: the same
+mask as its structure (segment ids, causality, window), which the fused kernels need instead of booleans. Keys and
+values are (B, S, G, K) as projected, except for "cached", which reads a layer of the KV cache where they lie,
+heads first: (B, G, S, K). Every implementation returns (B, T, G, H, K), computes the logits and the softmax in
+float32, and scales the logits by 1 / sqrt(K).
 
-Implementations (IMPLS):
-  reference     softmax(q k^T / sqrt(K), masked) v, as written.
-  split_causal  training and evaluation without a cache: the causal halves apart, the softmax normalized last.
-  cached        prefill and decode steps over a KV cache, operand orders chosen for the cache's layout.
-  jax           jax.nn.dot_product_attention's XLA implementation (the "cudnn" call on any backend).
-  cudnn         jax.nn.dot_product_attention's cuDNN kernel (GPU only: `platform.check_attention_impl`).
+Implementations (IMPLS); each honours segment ids (packing, padding), a sliding window and branches, except where
+said:
+  reference         softmax(q k^T / sqrt(K), masked) v, as written.
+  split_causal      training and evaluation without a cache: the causal halves apart, the softmax normalized last.
+  cached            prefill and decode steps over a KV cache, operand orders chosen for the cache's layout.
+  jax               jax.nn.dot_product_attention's XLA implementation, with the arguments "cudnn" passes.
+  cudnn             jax.nn.dot_product_attention's cuDNN kernel: GPU only (`platform.check_attention_impl`),
+                    bfloat16 or float16 only (LlamaConfig).
+  splash            TPU splash attention (Pallas): TPU only; no branches.
+  splash_interpret  splash attention in Pallas's interpreter, on any backend (tests).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -53,6 +60,34 @@ def attention_mask(segment_ids: jax.Array, cache_end: jax.Array | None = None, c
   if window is not None:
     mask &= slots > query_slots[:, :, None] - window  # (B, T, S)
   return mask
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Mask:
+  """Self-attention's mask without a cache, as its structure: causal within each row's segments, within an optional
+  window, with optional branches (`attention_mask` says what each means).
+
+  The fused kernels (READS_STRUCTURE) build their masks from the structure, as cuDNN and splash need; every other
+  kernel reads `dense()`. unsegmented (static) says every row is one document without padding (segment_ids all 1),
+  so that the fused kernels read no segment ids.
+  """
+  segment_ids: jax.Array  # (B, T)
+  branch_ids: jax.Array | None = None  # (B, T)
+  window: int | None = dataclasses.field(default=None, metadata={"static": True})
+  unsegmented: bool = dataclasses.field(default=False, metadata={"static": True})
+
+  def dense(self) -> jax.Array:
+    """The (B, T, S) booleans."""
+    return attention_mask(self.segment_ids, window=self.window, branch_ids=self.branch_ids)
+
+
+def self_attention_mask(impl: str, segment_ids: jax.Array, window: int | None = None,
+                        branch_ids: jax.Array | None = None, unsegmented: bool = False) -> "jax.Array | Mask":
+  """What `attend(..., impl)` reads without a cache: the Mask for the fused kernels, its dense booleans for the others
+  (built here once, outside the layers' loop)."""
+  mask = Mask(segment_ids, branch_ids, window, unsegmented)
+  return mask if impl in READS_STRUCTURE else mask.dense()
 
 
 def _reference(q, key, value, mask):
@@ -120,11 +155,67 @@ def _cached(q, key, value, mask):
 
 
 def _dot_product_attention(q, key, value, mask, implementation: str):
-  """jax.nn.dot_product_attention over (B, T, N, K) queries: its GQA groups query heads as ours do."""
+  """jax.nn.dot_product_attention over (B, T, N, K) queries: its GQA groups query heads as ours do.
+
+  A Mask's causality and window go as the flags cuDNN fuses (`is_causal`, `local_window_size`). Its segment ids and
+  branches go as the dense boolean mask, which cuDNN reads as an additive bias (slower than the flags): jax.nn's
+  call takes no segment ids (jax 0.10 keeps cuDNN's packed-segment offsets in a private module), and its
+  `query_seq_lengths`/`key_value_seq_lengths` express only padding after a row's one document, which segment ids do
+  not promise (a packed row's padding would need both). An unsegmented Mask (rows of one document, no padding)
+  sends no mask at all: cuDNN's flash kernel alone.
+  """
   b, t, g, h, k = q.shape
-  out = jax.nn.dot_product_attention(q.reshape(b, t, g * h, k), key, value, mask=mask[:, None],
-                                     implementation=implementation)  # (B, T, N, K)
+  if isinstance(mask, Mask):
+    window = None if mask.window is None else (mask.window - 1, 0)  # Keys back from the query, and none ahead.
+    masking = {"is_causal": True, "local_window_size": window}
+    if not mask.unsegmented:
+      masking["mask"] = mask.dense()[:, None]  # (B, 1, T, S)
+  else:
+    masking = {"mask": mask[:, None]}  # (B, 1, T, S)
+  out = jax.nn.dot_product_attention(q.reshape(b, t, g * h, k), key, value, implementation=implementation,
+                                     **masking)  # (B, T, N, K)
   return out.reshape(b, t, g, h, k)  # (B, T, G, H, K)
+
+
+# Splash attention's tile: its blocks of queries and keys are multiples of 128.
+SPLASH_BLOCK = 128
+
+
+def _splash(q, key, value, mask, interpret: bool):
+  """TPU splash attention (jax.experimental.pallas.ops.tpu.splash_attention) of a Mask, batched by vmap.
+
+  Causality and the window are its static CausalMask or LocalMask, the segment ids its SegmentIds (padding, segment
+  0, sees padding, as in `attention_mask`); branches it cannot express. Sequences are padded to a multiple of
+  SPLASH_BLOCK with keys of a segment id (-1) no real query has. `interpret` runs the kernel in Pallas's interpreter
+  (any backend: the tests' way to run it without a TPU).
+  """
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # Pallas's TPU kernels: only when chosen.
+  if not isinstance(mask, Mask) or mask.branch_ids is not None:
+    raise ValueError("splash attention reads a Mask without branch_ids (segment ids, window), not dense booleans")
+  b, t, g, h, k = q.shape
+  pad = -t % SPLASH_BLOCK
+  padded = t + pad
+  q = jnp.pad(q * jnp.asarray(k ** -0.5, q.dtype), ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))  # (B, T', G, H, K)
+  q = q.reshape(b, padded, g * h, k).transpose(0, 2, 1, 3)  # (B, N, T', K)
+  key, value = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+                for x in (key, value))  # (B, G, T', K) x 2
+  segments = None
+  if not mask.unsegmented or pad:
+    segments = jnp.pad(mask.segment_ids, ((0, 0), (0, pad)), constant_values=-1)  # (B, T')
+  shape = (padded, padded)
+  head_mask = (splash.CausalMask(shape) if mask.window is None
+               else splash.LocalMask(shape, window_size=(mask.window - 1, 0), offset=0))
+  block = max(size for size in (512, 256, 128) if padded % size == 0)
+  kernel = splash.make_splash_mha(
+      splash.MultiHeadMask([head_mask] * (g * h)), head_shards=1, q_seq_shards=1, interpret=interpret,
+      block_sizes=splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                                    block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
+                                    block_kv_dq=block))
+  if segments is None:
+    out = jax.vmap(kernel)(q, key, value)  # (B, N, T', K)
+  else:
+    out = jax.vmap(kernel)(q, key, value, splash.SegmentIds(q=segments, kv=segments))  # (B, N, T', K)
+  return out.transpose(0, 2, 1, 3)[:, :t].reshape(b, t, g, h, k)  # (B, T, G, H, K)
 
 
 IMPLS = {
@@ -133,10 +224,17 @@ IMPLS = {
     "cached": _cached,
     "jax": functools.partial(_dot_product_attention, implementation="xla"),
     "cudnn": functools.partial(_dot_product_attention, implementation="cudnn"),
+    "splash": functools.partial(_splash, interpret=False),
+    "splash_interpret": functools.partial(_splash, interpret=True),
 }
+# The implementations that read a Mask's structure; attend gives the others its dense booleans.
+READS_STRUCTURE = frozenset({"jax", "cudnn", "splash", "splash_interpret"})
 
 
-def attend(q: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, impl: str = "reference") -> jax.Array:
-  """Attention of q (B, T, G, H, K) over key and value under mask (B, T, S) by the implementation `impl` (see
-  the module docstring for the layouts): (B, T, G, H, K)."""
+def attend(q: jax.Array, key: jax.Array, value: jax.Array, mask: "jax.Array | Mask",
+           impl: str = "reference") -> jax.Array:
+  """Attention of q (B, T, G, H, K) over key and value under mask, (B, T, S) booleans or a Mask, by the
+  implementation `impl` (see the module docstring for the layouts): (B, T, G, H, K)."""
+  if isinstance(mask, Mask) and impl not in READS_STRUCTURE:
+    mask = mask.dense()  # (B, T, S)
   return IMPLS[impl](q, key, value, mask)
