@@ -9,7 +9,8 @@ this checkout. Prints the device, the JAX version, and one `name: value unit` li
   - attention parity: max abs difference of the outputs and of the q/k/v gradients of cuDNN's attention against
     XLA's (jax.nn.dot_product_attention, the arguments ops.attention builds for both) in bfloat16, for causal rows,
     causal rows in a window, and packed rows with padding (cuDNN's dense-mask path, where MaxText's cuDNN path
-    ignored the segments);
+    ignored the segments), each with cuDNN's forward+backward time, and how far the packed rows' outputs lie from
+    those of a kernel that dropped the segments;
   - train: tokens/s and MFU of the ~1B config's full step (forward, backward, AdamW) on rows of one document each
     (segment_ids None: the fused kernel's causal mask alone), against the device's tabulated dense bfloat16 peak
     (platform.PEAK_FLOPS) with the causal square counted whole (train.flops_per_token); a step that runs out of
@@ -19,6 +20,7 @@ this checkout. Prints the device, the JAX version, and one `name: value unit` li
 reference (CPU has no cuDNN); its figures only show that every path runs.
 """
 
+import functools
 import sys
 import time
 
@@ -46,6 +48,7 @@ TRAIN_GIN = "gin/bench/device_1b.gin"
 SMOLLM2_GIN = "gin/models/smollm2_135m.gin"
 TINY_GIN = "gin/models/tiny.gin"
 PROMPT_TOKENS = 16
+TIMED_CALLS = 10  # Of each attention, after its first.
 
 
 def figure(name: str, value: float, unit: str = "", note: str = "") -> None:
@@ -68,6 +71,7 @@ def attention_parity(fused: str, baseline: str, shape: tuple[int, ...], window: 
            f"window {window}": attention.Mask(ones, window=window, unsegmented=True),
            "packed+padding": attention.Mask(packed)}
 
+  @functools.partial(jax.jit, static_argnums=0)
   def run(impl, mask):
     def loss(q, key, value):
       return jnp.sum(attention.attend(q, key, value, mask, impl).astype(jnp.float32) * cotangent)
@@ -76,12 +80,19 @@ def attention_parity(fused: str, baseline: str, shape: tuple[int, ...], window: 
   largest = lambda x: float(jnp.max(jnp.abs(x.astype(jnp.float32))))  # noqa: E731
   fused_outputs = {}
   for name, mask in masks.items():
-    (out_f, grads_f), (out_b, grads_b) = (jax.jit(run, static_argnums=0)(impl, mask) for impl in (fused, baseline))
+    (out_f, grads_f), (out_b, grads_b) = run(fused, mask), run(baseline, mask)
     fused_outputs[name] = out_f
     label = f"attention {fused} vs {baseline}, {name}"
     figure(f"{label}, outputs max abs diff", largest(out_f - out_b), note=f"max |output| {largest(out_b):.3g}")
     figure(f"{label}, grads max abs diff", max(largest(x - y) for x, y in zip(grads_f, grads_b)),
            note=f"max |grad| {max(largest(y) for y in grads_b):.3g}")
+    start = time.perf_counter()
+    for _ in range(TIMED_CALLS):
+      out = run(fused, mask)
+    jax.block_until_ready(out)
+    figure(f"attention {fused} forward+backward, {name}", (time.perf_counter() - start) / TIMED_CALLS * 1e3, "ms",
+           f"{b} x {t}, {g * h} query heads over {g}, head dim {k}"
+           + ("; segment ids as the dense mask" if not mask.unsegmented else ""))
   # The causal rows' outputs are what a kernel that dropped the segment ids would give the packed rows: far off.
   dropped = jnp.where(packed[:, :, None, None, None] != 0, fused_outputs["packed+padding"] - fused_outputs["causal"], 0)
   figure(f"attention {fused}, packed+padding against ignoring the segments, outputs max abs diff", largest(dropped))
