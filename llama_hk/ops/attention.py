@@ -186,8 +186,9 @@ def _splash(q, key, value, mask, interpret: bool):
 
   Causality and the window are its static CausalMask or LocalMask, the segment ids its SegmentIds (padding, segment
   0, sees padding, as in `attention_mask`); branches it cannot express. Sequences are padded to a multiple of
-  SPLASH_BLOCK with keys of a segment id (-1) no real query has. `interpret` runs the kernel in Pallas's interpreter
-  (any backend: the tests' way to run it without a TPU).
+  SPLASH_BLOCK with keys of a segment id (-1) no real query has. q is scaled by 1 / sqrt(K) before the product, in
+  its own dtype (the kernel takes no scale). `interpret` runs the kernel in Pallas's interpreter (any backend: the
+  tests' way to run it without a TPU).
   """
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # Pallas's TPU kernels: only when chosen.
   if not isinstance(mask, Mask) or mask.branch_ids is not None:
