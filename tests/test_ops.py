@@ -124,7 +124,8 @@ def test_reference_honours_segments_padding_and_window(window):
 
 # Each implementation as the model runs it (a Mask; "jax" makes the arguments "cudnn" passes, run by XLA), against
 # the reference under the Mask's dense booleans. T = 128 lets split_causal split; splash pads 24 to its block of 128.
-@pytest.mark.parametrize("window", [None, 4])
+# Without a window (slow tier): test_unsegmented_mask_is_causal and test_split_causal_equals_reference run it fast.
+@pytest.mark.parametrize("window", [4, pytest.param(None, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("impl, t", [("split_causal", 128), ("jax", 24), ("splash_interpret", 24)])
 def test_every_implementation_honours_segments_padding_and_window(impl, t, window):
   """Values and gradients equal the reference's with packed rows, padding and a window; the same implementation
@@ -143,12 +144,12 @@ def test_every_implementation_honours_segments_padding_and_window(impl, t, windo
   assert np.abs(np.asarray(wrong) - np.asarray(expected))[real].max() > 0.1
 
 
-# 128: splash without padding, so with no segment ids at all.
+# 128: splash without padding, so with no segment ids at all, under its CausalMask.
 @pytest.mark.parametrize("impl, t", [("jax", 24), ("splash_interpret", 128)])
 def test_unsegmented_mask_is_causal(impl, t):
-  """Rows of one document (no segment ids sent): causal attention within the window."""
+  """Rows of one document (no segment ids sent): causal attention."""
   q, key, value = _qkv(np.random.default_rng(20), t, t)
-  mask = attention.Mask(np.ones((B, t), np.int32), window=5, unsegmented=True)
+  mask = attention.Mask(np.ones((B, t), np.int32), unsegmented=True)
   _assert_same_values_and_grads(lambda *a: attention.attend(*a, mask, impl),
                                 lambda *a: attention.attend(*a, mask.dense(), "reference"), (q, key, value),
                                 grads_atol=2e-5)
