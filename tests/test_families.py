@@ -60,7 +60,7 @@ def test_config_and_parameter_tree(family):
 
 @pytest.mark.parametrize("impl", ["split_causal", "reference", "jax"])
 def test_logits_match_transformers_padded_and_packed(family, impl):
-  """128-token rows (split_causal attends in halves at this length): a right-padded row and a full one against
+  """128-token rows (split_causal attends in 4 query blocks at this length): a right-padded row and a full one against
   transformers' padded batch, a row packing two documents against transformers on each alone."""
   name, hf, config, params = family
   rng = np.random.default_rng(52)

@@ -1,7 +1,7 @@
 """The ops seams and the platform policy: every attention implementation and weight layout against the reference.
 
 Attention: values and gradients of each implementation equal the reference's, with grouped-query heads, packed
-segments that cross the split-causal kernel's halves, padding, and a KV cache's mask. Dense: the seam computes the
+segments that cross the split-causal kernel's blocks, padding, and a KV cache's mask. Dense: the seam computes the
 einsum its spec names, and parameters moved to another WeightLayout give the stored layout's logits.
 """
 
@@ -59,8 +59,8 @@ def test_reference_is_masked_softmax_attention():
   np.testing.assert_allclose(attention.attend(q, key, value, mask, "reference"), expected, atol=1e-5, rtol=0)
 
 
-# The causal halves computed apart from SPLIT_MIN_LENGTH (128) on, for even T (the packed segments cross the
-# split); 129 (odd): one block.
+# Causal query blocks computed apart from SPLIT_MIN_LENGTH (128) on: 128 in 4 blocks, 130 in 2 (the packed
+# segments cross the blocks' edges); 129 (odd): one block.
 @pytest.mark.parametrize("t", [128, *(pytest.param(t, marks=pytest.mark.slow) for t in (130, 129))])
 def test_split_causal_equals_reference(t):
   q, key, value = _qkv(np.random.default_rng(11), t, t)
