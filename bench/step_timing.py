@@ -41,11 +41,15 @@ def random_batch(vocab_size: int, batch_size: int, seq_len: int) -> dict[str, np
 
 def seconds_per_step(step, state, batch, steps: int) -> float:
   """Mean seconds of `steps` calls of the jitted `(state, batch) -> (state, metrics)`, after two warm-up calls."""
-  for _ in range(2):
-    state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
+  state, _ = timed_steps(step, state, batch, 2)
+  return timed_steps(step, state, batch, steps)[1]
+
+
+def timed_steps(step, state, batch, steps: int):
+  """(the state after `steps` calls of the jitted `(state, batch) -> (state, metrics)`, their mean seconds)."""
+  jax.block_until_ready(state)
   start = time.perf_counter()
   for _ in range(steps):
     state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  return (time.perf_counter() - start) / steps
+  jax.block_until_ready((state, metrics))
+  return state, (time.perf_counter() - start) / steps

@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
 """Train-step throughput, llama_hk against transformers + torch.optim.AdamW, on the model of gin/bench/train_34m.gin.
 
-  python bench/train.py [--steps=5] [--gin_file=gin/bench/train_34m.gin]
+  python bench/train.py [--rounds=5] [--steps=5] [--gin_file=gin/bench/train_34m.gin]
 
 Both sides run the same config (float32, AdamW with the same hyper-parameters and decay mask, a full step:
-forward, backward, update) on the same random tokens in one process, one after the other. Prints tokens/s of each,
-their ratio, and MFU of each against a float32 matmul peak measured in this run (JAX, 2048^2).
+forward, backward, update) on the same random tokens in one process. Each side is built and warmed up once; then
+every round times --steps steps of ours, then of torch, then of ours with bfloat16 compute, and a float32 matmul
+peak (JAX, 2048^2), so that the shared machine's load changes skew all alike. Prints every round, then the medians:
+tokens/s of each, the median of the rounds' ratios, MFU of each against the median peak, and the machine.
+
+Targets (issue 11): ratio >= 1.0x, our float32 MFU >= 80% of the peak measured in the same run.
 """
 
+import resource
+import statistics
 import time
 
 from absl import flags
@@ -18,21 +24,35 @@ from llama_hk import config as config_lib
 from llama_hk import platform
 from llama_hk import train
 from llama_hk.params import params_to_hf
+import machine  # bench/machine.py, beside this script.
 import step_timing  # bench/step_timing.py, beside this script.
 
-flags.DEFINE_integer("steps", 5, "Timed steps per side (after two warm-up steps).")
+flags.DEFINE_integer("rounds", 5, "Interleaved rounds; the medians over them count.")
+flags.DEFINE_integer("steps", 5, "Timed steps per side and round (after two warm-up steps once per side).")
 FLAGS = flags.FLAGS
 HYPER = dict(peak_learning_rate=3e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
+# A pause before each measurement, so that the last side's worker threads (torch's OpenMP team, XLA's pool) have
+# stopped spinning and sleep when the next side starts.
+PAUSE_SECONDS = 1.0
+TRANSPARENT_HUGEPAGE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def bench_jax(config, batch, params) -> float:
+def jax_runner(config, batch, params):
+  """run(steps) -> seconds per step of our jitted, donated train step; built and warmed up here."""
   optimizer = train.make_optimizer(total_steps=100, schedule="constant", clip_norm=None, **HYPER)
   step = jax.jit(train.make_train_step(config, optimizer), donate_argnums=0)
-  state = train.init_state(config, optimizer, params=params)
-  return step_timing.seconds_per_step(step, state, batch, FLAGS.steps)
+  state, _ = step_timing.timed_steps(step, train.init_state(config, optimizer, params=params), batch, 2)  # Warm-up.
+
+  def run(steps):
+    nonlocal state
+    state, seconds = step_timing.timed_steps(step, state, batch, steps)
+    return seconds
+
+  return run
 
 
-def bench_torch(config, batch, state_dict) -> float:
+def torch_runner(config, batch, state_dict):
+  """run(steps) -> seconds per step of transformers' model with torch.optim.AdamW; built and warmed up here."""
   import torch
   import transformers
   hf_config = transformers.LlamaConfig(**{k: v for k, v in config_lib.to_hf_config(config).items()
@@ -54,30 +74,75 @@ def bench_torch(config, batch, state_dict) -> float:
     loss.backward()
     opt.step()
 
-  for _ in range(2):
-    step()
-  start = time.perf_counter()
-  for _ in range(FLAGS.steps):
-    step()
-  return (time.perf_counter() - start) / FLAGS.steps
+  def run(steps):
+    start = time.perf_counter()
+    for _ in range(steps):
+      step()
+    return (time.perf_counter() - start) / steps
+
+  run(2)
+  return run
+
+
+def page_faults() -> int:
+  """This process's minor page faults so far (fresh memory touched: XLA's per-call temporaries among them)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def huge_pages() -> str:
+  """The kernel's transparent huge page mode (which decides what touching fresh memory costs)."""
+  try:
+    with open(TRANSPARENT_HUGEPAGE) as f:
+      return next(word[1:-1] for word in f.read().split() if word.startswith("["))
+  except (OSError, StopIteration):
+    return "unknown"
 
 
 def main(argv):
   del argv
   config, batch, params = step_timing.bench_model()
   batch_size, seq_len = batch["tokens"].shape
-  state_dict = params_to_hf(params, config)
-  peak = platform.measure_matmul_peak(size=2048, seconds=2.0)
-  flops_per_step = train.flops_per_token(config, seq_len) * batch_size * seq_len
-  jax_seconds = bench_jax(config, batch, params)
-  torch_seconds = bench_torch(config, batch, state_dict)
   tokens_per_step = batch_size * seq_len
-  print(f"model: {config_lib.num_params(config):,} parameters, batch {batch_size} x {seq_len}, float32, "
-        f"{jax.devices()[0].device_kind}; matmul peak {peak / 1e9:.1f} GFLOP/s")
-  for name, seconds in (("llama_hk (JAX)", jax_seconds), ("transformers (torch)", torch_seconds)):
-    print(f"{name:22s} {tokens_per_step / seconds:9.0f} tokens/s  {seconds * 1e3:8.1f} ms/step  "
-          f"MFU {flops_per_step / seconds / peak:.1%}")
-  print(f"ratio llama_hk / transformers: {torch_seconds / jax_seconds:.2f}x")
+  flops_per_step = train.flops_per_token(config, seq_len) * tokens_per_step
+  runners = {
+      "llama_hk": jax_runner(config, batch, params),
+      "transformers": torch_runner(config, batch, params_to_hf(params, config)),
+      "llama_hk_bf16": jax_runner(config.replace(compute_dtype="bfloat16"), batch, params),
+  }
+  import torch
+  print(machine.describe())
+  print(f"model: {config_lib.num_params(config):,} parameters, batch {batch_size} x {seq_len}, AdamW; "
+        f"{FLAGS.rounds} rounds of {FLAGS.steps} steps per side; torch threads {torch.get_num_threads()}; "
+        f"transparent huge pages: {huge_pages()}")
+  rates = {name: [] for name in runners}
+  faults = {name: [] for name in runners}
+  peaks = []
+  for r in range(FLAGS.rounds):
+    for name, run in runners.items():
+      time.sleep(PAUSE_SECONDS)
+      before = page_faults()
+      rates[name].append(tokens_per_step / run(FLAGS.steps))
+      faults[name].append((page_faults() - before) / FLAGS.steps)
+    peaks.append(platform.measure_matmul_peak(size=2048, seconds=1.0))
+    mfu = lambda name: rates[name][-1] * flops_per_step / tokens_per_step / peaks[-1]
+    print(f"round {r + 1}: llama_hk {rates['llama_hk'][-1]:6.0f} tokens/s (MFU {mfu('llama_hk'):.1%}), "
+          f"transformers {rates['transformers'][-1]:6.0f} ({mfu('transformers'):.1%}), "
+          f"ratio {rates['llama_hk'][-1] / rates['transformers'][-1]:.2f}x; bfloat16 compute "
+          f"{rates['llama_hk_bf16'][-1]:6.0f}; peak {peaks[-1] / 1e9:.1f} GFLOP/s; page faults per step "
+          f"{faults['llama_hk'][-1]:,.0f} / {faults['transformers'][-1]:,.0f}", flush=True)
+  peak = statistics.median(peaks)
+  print(f"medians of {FLAGS.rounds} rounds; float32 matmul peak {peak / 1e9:.1f} GFLOP/s "
+        f"(rounds {min(peaks) / 1e9:.1f}-{max(peaks) / 1e9:.1f})")
+  labels = {"llama_hk": "llama_hk (JAX) float32", "transformers": "transformers (torch) float32",
+            "llama_hk_bf16": "llama_hk bfloat16 compute"}
+  for name, label in labels.items():
+    rate = statistics.median(rates[name])
+    print(f"{label:30s} {rate:7.0f} tokens/s  {tokens_per_step / rate * 1e3:7.1f} ms/step  "
+          f"MFU {rate * flops_per_step / tokens_per_step / peak:.1%} (of the float32 peak)  "
+          f"page faults/step {statistics.median(faults[name]):,.0f}")
+  ratios = [ours / theirs for ours, theirs in zip(rates["llama_hk"], rates["transformers"])]
+  print(f"ratio llama_hk / transformers: {statistics.median(ratios):.2f}x (median; rounds "
+        f"{' '.join(f'{x:.2f}' for x in ratios)}); target >= 1.0x, MFU >= 80%")
 
 
 if __name__ == "__main__":
