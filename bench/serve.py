@@ -2,7 +2,9 @@
 same HF copy of SmolLM2-135M (float32, CPU), through the official openai client.
 
 The load is fixed: request i has a prompt of consecutive words of King Lear (about 16, 48 or 96 tokens, by i mod 3)
-and max_tokens 8, 16, 24 or 16 (by i mod 4), greedy, streamed; --concurrency streams at a time (asyncio). Each load
+and max_tokens by i mod 4 from the --mix: `chat` 32, 64, 128, 64 (the default: replies of a chat or completion
+client run to tens or hundreds of tokens) or `short` 8, 16, 24, 16 (the first mix: prefills are about half the
+work); greedy, streamed; --concurrency streams at a time (asyncio). Each load
 is preceded by a warm-up round of max(concurrency, 12) of its requests, every kind of the mix (our server
 compiles each prompt and batch bucket once; JAX's persistent cache keeps them across runs). Reported per server
 and concurrency: output tokens/s (completion tokens over the wall time), requests/s, p50 and p95 time to first
@@ -11,7 +13,8 @@ transformers' ratios, and bin/generate's batch-1 decode tokens/s beside our one-
 transformers' server takes the same requests, or the first --transformers_requests of them (a bound on the run's
 time: fewer requests fill its batch less). Loopback only; every wait bounded.
 
-  python bench/serve.py [--requests=64] [--transformers_requests=N] [--concurrency=1,4,16] [--max_seq_len=512]
+  python bench/serve.py [--mix=chat|short] [--requests=32] [--transformers_requests=N] [--concurrency=1,4,16]
+                        [--max_seq_len=256]
 """
 
 import argparse
@@ -34,8 +37,8 @@ import openai
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PLAYS = REPO.parent / "shared" / "data" / "shakespeare"
 PROMPT_WORDS = (12, 36, 72)  # About 16, 48 and 96 tokens.
-OUTPUT_TOKENS = (8, 16, 24, 16)
-WARM_UP = len(PROMPT_WORDS) * len(OUTPUT_TOKENS)  # Requests in a warm-up round at least: the mix's every kind.
+MIXES = {"chat": (32, 64, 128, 64), "short": (8, 16, 24, 16)}  # max_tokens by request index mod 4.
+WARM_UP = len(PROMPT_WORDS) * 4  # Requests in a warm-up round at least: the mix's every kind.
 STARTUP_S = 600
 REQUEST_S = 900
 
@@ -43,13 +46,14 @@ sys.path.insert(0, str(REPO / "tests"))
 from reference import smollm2_hf_dir  # The tests' float32 HF copy of the GGUF, made the same way when missing.
 
 
-def mix(count: int) -> list[tuple[str, int]]:
+def mix(count: int, name: str = "chat") -> list[tuple[str, int]]:
   """The fixed load: (prompt, max_tokens) for each request, from consecutive words of a play."""
   words = (PLAYS / "lear.txt").read_text().split()
+  outputs = MIXES[name]
   load, at = [], 1000
   for i in range(count):
     n = PROMPT_WORDS[i % len(PROMPT_WORDS)]
-    load.append((" ".join(words[at:at + n]), OUTPUT_TOKENS[i % len(OUTPUT_TOKENS)]))
+    load.append((" ".join(words[at:at + n]), outputs[i % len(outputs)]))
     at += n
   return load
 
@@ -142,15 +146,16 @@ def generate_decode(hf_dir: pathlib.Path, prompt: str) -> float:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--requests", type=int, default=64)
+  parser.add_argument("--mix", choices=sorted(MIXES), default="chat")
+  parser.add_argument("--requests", type=int, default=32)
   parser.add_argument("--transformers_requests", type=int, help="default: --requests")
   parser.add_argument("--concurrency", default="1,4,16")
-  parser.add_argument("--max_seq_len", type=int, default=512)
+  parser.add_argument("--max_seq_len", type=int, default=256, help="bin/serve's context: the longest prompt and reply")
   parser.add_argument("--output_json")
   args = parser.parse_args()
   levels = [int(c) for c in args.concurrency.split(",")]
   hf_dir = smollm2_hf_dir()
-  requests = mix(args.requests)
+  requests = mix(args.requests, args.mix)
   port = free_port()
   ours = run_server([sys.executable, str(REPO / "bin" / "serve"), f"--checkpoint={hf_dir}", f"--port={port}",
                      f"--max_batch={max(levels)}", f"--max_seq_len={args.max_seq_len}", "--model_name=smollm2",
@@ -162,8 +167,8 @@ def main():
   reference = generate_decode(hf_dir, requests[1][0])
   cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
              platform.processor())
-  print(f"CPU: {cpu}, {os.cpu_count()} cores")
-  report = {"cpu": cpu, "llama_hk": ours, "transformers": theirs, "bin_generate_batch1_decode_tokens_per_s": reference}
+  print(f"CPU: {cpu}, {os.cpu_count()} cores; mix {args.mix} {MIXES[args.mix]}, {args.requests} requests")
+  report = {"cpu": cpu, "mix": args.mix, "llama_hk": ours, "transformers": theirs, "bin_generate_batch1_decode_tokens_per_s": reference}
   for c in levels:
     a, b = ours[c], theirs[c]
     print(f"concurrency {c:2d}: llama_hk {a['output_tokens_per_s']:7.1f} tok/s {a['requests_per_s']:6.2f} req/s "

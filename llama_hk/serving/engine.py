@@ -3,10 +3,11 @@
 One background thread owns the cache and every compiled call. The running batch is bucketed by occupancy (1, 2,
 4, ... rows, at most `decode.batch_bucket(max_batch)`), so a lone stream decodes on the batch-1 path (the
 platform's batch-1 weight layout included); the cache keeps `decode.bucket(max_seq_len)` slots per row, so every
-length compiles once. New requests are prefilled together (up to PREFILL_ROWS, a power of two, in their longest
-prompt's bucket) and written into free rows, joining at the next decode call; a row that finishes or is
-cancelled frees its row at once, and when no request waits and the rows in use fit a smaller bucket they are
-gathered into it. Requests beyond the rows wait in a bounded queue.
+length compiles once. New requests of one prompt bucket are prefilled together (up to PREFILL_ROWS, a power of
+two) and written into free rows, joining at the next decode call. A decode call runs DECODE_CHUNK steps while no
+request waits and no row can finish inside it, else one step; a row that finishes or is cancelled frees its row
+before the next call, and when no request waits and the rows in use fit a smaller bucket they are gathered into
+it. Requests beyond the rows wait in a bounded queue.
 
 Each row samples with its own fields (temperature, top-k, top-p) and key: the k-th token of a sequence is drawn
 with fold_in(fold_in(key(seed), choice), k), so what a row produces does not depend on what else is in the
@@ -36,6 +37,9 @@ from llama_hk.models import KVCache, init_cache, make_forward
 from llama_hk.ops.dense import WeightLayout
 
 PREFILL_ROWS = 4  # The most new sequences prefilled in one call (1, 2 or 4: a few compiles per prompt bucket).
+# Decode steps per call while every row has that many tokens left and no request waits (decode_steps): fewer
+# calls, each one's dispatch, output arrays and host delivery shared by 8 tokens of every row.
+DECODE_CHUNK = 8
 MAX_TOP_LOGPROBS = 20  # Alternatives computed per token when a row asks for log-probabilities (OpenAI's limit).
 
 
@@ -202,6 +206,32 @@ def decode_rows(params, cache: KVCache, tokens, fields: RowFields, stop_ids, *, 
   return cache, *out, tokens, fields
 
 
+def prefill_groups(lengths: Sequence[int]) -> list[list[int]]:
+  """The indices of prompts of these lengths, in the groups they are prefilled in, longest first: only prompts of
+  one bucket together (a prompt padded to a longer one's bucket costs that bucket's work), up to PREFILL_ROWS, a
+  power of two of them (no padding rows)."""
+  buckets = collections.defaultdict(list)
+  for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+    buckets[decode.bucket(lengths[i])].append(i)
+  groups = []
+  for bucket in sorted(buckets, reverse=True):
+    rows = buckets[bucket]
+    while rows:
+      size = min(1 << (len(rows).bit_length() - 1), PREFILL_ROWS)
+      groups.append(rows[-size:])
+      del rows[-size:]
+  return groups
+
+
+def decode_steps(plan_steps: int, left: Sequence[int], stops: bool, waiting: bool) -> int:
+  """Steps of the next decode call: the plan's, or DECODE_CHUNK while no request waits, no row has stop strings
+  (the host finds those) and every row has at least that many tokens left to make (`left`), so that no row
+  finishes inside the call and no slot stands idle in it. Cancellation still frees a row within one call."""
+  if plan_steps > 1 or waiting or stops or min(left) < DECODE_CHUNK:
+    return plan_steps
+  return DECODE_CHUNK
+
+
 def _logprobs(chosen: np.ndarray, top_ids: np.ndarray, top_values: np.ndarray) -> list[TokenLogprob]:
   """Host TokenLogprobs from arrays (n,), (n, N), (n, N)."""
   return [TokenLogprob(float(c), tuple(zip(map(int, i), map(float, v))))
@@ -345,7 +375,7 @@ class Engine:
 
   def _admit(self) -> None:
     """Takes waiting requests while rows are free (each row reserved for its request) and prefills them, up to
-    PREFILL_ROWS at a time, those of similar prompt lengths together."""
+    PREFILL_ROWS at a time, as prefill_groups groups them."""
     admitted = []
     with self._condition:
       while self._waiting:
@@ -361,11 +391,9 @@ class Engine:
       if row < 0:  # max_tokens 0: the prompt's log-probabilities only.
         seq.emit(Output([], "", [] if seq.request.logprobs else None, "length",
                         prompt_logprobs=self._prompt_logprobs(seq.request)))
-    rows = sorted((a for a in admitted if a[1] >= 0), key=lambda a: len(a[0].request.prompt))
-    while rows:
-      size = min(1 << (len(rows).bit_length() - 1), PREFILL_ROWS)  # A power of two: no padding rows.
-      self._prefill(rows[-size:])
-      del rows[-size:]
+    rows = [a for a in admitted if a[1] >= 0]
+    for group in prefill_groups([len(seq.request.prompt) for seq, _ in rows]):
+      self._prefill([rows[i] for i in group])
 
   def _fields(self, sequences: Sequence[Job | None]) -> RowFields:
     def column(get, dtype):
@@ -426,16 +454,23 @@ class Engine:
     plan, params = self.generator.decode_plan(len(rows))
     sampled = any(s is not None and s.request.temperature > 0 for s in rows)
     top_n = MAX_TOP_LOGPROBS if any(s is not None and s.request.logprobs for s in rows) else 0
+    active = [s for s in rows if s is not None]
+
+    def left() -> list[int]:  # Tokens each row may still make, by what the host has read.
+      return [s.request.max_tokens - len(s.row.ids) for s in active]
+
+    steps = decode_steps(plan.chunk_steps, left(), any(s.request.stop for s in active), bool(self._waiting))
 
     def call(tokens, fields):
       self._cache, *out = decode_rows(params, self._cache, tokens, fields, self._stop_ids, config=self.config,
-                                      weight_layout=plan.layout, chunk_steps=plan.chunk_steps, sampled=sampled,
-                                      top_n=top_n)
+                                      weight_layout=plan.layout, chunk_steps=steps, sampled=sampled, top_n=top_n)
       return out
 
     out = call(np.array([s.last_token if s is not None else 0 for s in rows], np.int32), self._fields(rows))
     while out is not None:
       steady = self._rows == rows and not (self._waiting or self._stopping or any(s.cancelled for s in rows if s))
+      # A call of `steps` is in flight: the next one of as many needs them left after it.
+      steady = steady and (steps == plan.chunk_steps or min(left()) >= 2 * steps)
       pending = call(*out[4:]) if steady else None
       ids, chosen, top_ids, top_values = (np.asarray(a) for a in out[:4])
       for r, seq in enumerate(rows):
