@@ -20,9 +20,7 @@ time: fewer requests fill its batch less). Loopback only; every wait bounded.
 import argparse
 import asyncio
 import json
-import os
 import pathlib
-import platform
 import re
 import signal
 import socket
@@ -44,6 +42,8 @@ REQUEST_S = 900
 
 sys.path.insert(0, str(REPO / "tests"))
 from reference import smollm2_hf_dir  # The tests' float32 HF copy of the GGUF, made the same way when missing.
+sys.path.insert(0, str(REPO / "bench"))
+from machine import cpu_model, describe  # noqa: E402
 
 
 def mix(count: int, name: str = "chat") -> list[tuple[str, int]]:
@@ -165,10 +165,9 @@ def main():
                        f"--port={port}", "--host=127.0.0.1", str(hf_dir)], f"http://127.0.0.1:{port}", str(hf_dir),
                       requests[:args.transformers_requests or args.requests], levels)
   reference = generate_decode(hf_dir, requests[1][0])
-  cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-             platform.processor())
-  print(f"CPU: {cpu}, {os.cpu_count()} cores; mix {args.mix} {MIXES[args.mix]}, {args.requests} requests")
-  report = {"cpu": cpu, "mix": args.mix, "llama_hk": ours, "transformers": theirs, "bin_generate_batch1_decode_tokens_per_s": reference}
+  print(f"{describe()}; mix {args.mix} {MIXES[args.mix]}, {args.requests} requests")
+  report = {"cpu": cpu_model(), "mix": args.mix, "llama_hk": ours, "transformers": theirs,
+            "bin_generate_batch1_decode_tokens_per_s": reference}
   for c in levels:
     a, b = ours[c], theirs[c]
     print(f"concurrency {c:2d}: llama_hk {a['output_tokens_per_s']:7.1f} tok/s {a['requests_per_s']:6.2f} req/s "

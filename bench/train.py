@@ -103,7 +103,6 @@ def main(argv):
   config, batch, params = step_timing.bench_model()
   batch_size, seq_len = batch["tokens"].shape
   tokens_per_step = batch_size * seq_len
-  flops_per_step = train.flops_per_token(config, seq_len) * tokens_per_step
   runners = {
       "llama_hk": jax_runner(config, batch, params),
       "transformers": torch_runner(config, batch, params_to_hf(params, config)),
@@ -124,7 +123,7 @@ def main(argv):
       rates[name].append(tokens_per_step / run(FLAGS.steps))
       faults[name].append((page_faults() - before) / FLAGS.steps)
     peaks.append(platform.measure_matmul_peak(size=2048, seconds=1.0))
-    mfu = lambda name: rates[name][-1] * flops_per_step / tokens_per_step / peaks[-1]
+    mfu = lambda name: train.mfu(config, seq_len, rates[name][-1], peaks[-1])
     print(f"round {r + 1}: llama_hk {rates['llama_hk'][-1]:6.0f} tokens/s (MFU {mfu('llama_hk'):.1%}), "
           f"transformers {rates['transformers'][-1]:6.0f} ({mfu('transformers'):.1%}), "
           f"ratio {rates['llama_hk'][-1] / rates['transformers'][-1]:.2f}x; bfloat16 compute "
@@ -138,7 +137,7 @@ def main(argv):
   for name, label in labels.items():
     rate = statistics.median(rates[name])
     print(f"{label:30s} {rate:7.0f} tokens/s  {tokens_per_step / rate * 1e3:7.1f} ms/step  "
-          f"MFU {rate * flops_per_step / tokens_per_step / peak:.1%} (of the float32 peak)  "
+          f"MFU {train.mfu(config, seq_len, rate, peak):.1%} (of the float32 peak)  "
           f"page faults/step {statistics.median(faults[name]):,.0f}")
   ratios = [ours / theirs for ours, theirs in zip(rates["llama_hk"], rates["transformers"])]
   print(f"ratio llama_hk / transformers: {statistics.median(ratios):.2f}x (median; rounds "
