@@ -9,12 +9,20 @@ every round times --steps steps of ours, then of torch, then of ours with bfloat
 peak (JAX, 2048^2), so that the shared machine's load changes skew all alike. Prints every round, then the medians:
 tokens/s of each, the median of the rounds' ratios, MFU of each against the median peak, and the machine.
 
+The process runs as bin/train does, with glibc's huge-page tunable (llama_hk/huge_pages.py), torch included; run
+with GLIBC_TUNABLES=glibc.malloc.hugetlb=0 to see both sides without it.
+
 Targets (issue 11): ratio >= 1.0x, our float32 MFU >= 80% of the peak measured in the same run.
 """
 
+import os
 import resource
 import statistics
 import time
+
+from llama_hk import huge_pages
+
+huge_pages.reexec()  # As bin/train runs (both sides of the comparison get it): before JAX or torch allocate.
 
 from absl import flags
 import jax
@@ -34,7 +42,6 @@ HYPER = dict(peak_learning_rate=3e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.
 # A pause before each measurement, so that the last side's worker threads (torch's OpenMP team, XLA's pool) have
 # stopped spinning and sleep when the next side starts.
 PAUSE_SECONDS = 1.0
-TRANSPARENT_HUGEPAGE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def jax_runner(config, batch, params):
@@ -89,15 +96,6 @@ def page_faults() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def huge_pages() -> str:
-  """The kernel's transparent huge page mode (which decides what touching fresh memory costs)."""
-  try:
-    with open(TRANSPARENT_HUGEPAGE) as f:
-      return next(word[1:-1] for word in f.read().split() if word.startswith("["))
-  except (OSError, StopIteration):
-    return "unknown"
-
-
 def main(argv):
   del argv
   config, batch, params = step_timing.bench_model()
@@ -112,7 +110,7 @@ def main(argv):
   print(machine.describe())
   print(f"model: {config_lib.num_params(config):,} parameters, batch {batch_size} x {seq_len}, AdamW; "
         f"{FLAGS.rounds} rounds of {FLAGS.steps} steps per side; torch threads {torch.get_num_threads()}; "
-        f"transparent huge pages: {huge_pages()}")
+        f"transparent huge pages: {huge_pages.thp_mode()}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
   rates = {name: [] for name in runners}
   faults = {name: [] for name in runners}
   peaks = []

@@ -19,6 +19,9 @@ from llama_hk.ops.dense import WeightLayout, as_bits
 # out-projection alone is a library call: it follows the attention's run of small single-threaded steps, after
 # which a streaming loop split over the threads waits for an idle one to wake up.
 CPU_MATVEC_LAYOUT = WeightLayout(out_in=True, library_matvec=frozenset({"out_proj"}))
+# Decoding several rows on XLA:CPU: matrix-matrix products, each layer's weights an array of its own (see
+# WeightLayout.per_layer), so the matrix library reads them where they lie.
+CPU_BATCH_LAYOUT = WeightLayout(per_layer=True)
 
 # Dense bfloat16 peaks (FLOP/s per device) of known accelerators, for MFU.
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
@@ -35,17 +38,21 @@ class DecodePlan:
 def decode_plan(config: LlamaConfig, batch: int, mesh=None) -> DecodePlan:
   """The decode steps' plan for `batch` rows on this backend (`mesh`: a sharding mesh, or None).
 
-  A batch of one on CPU without a mesh decodes from `CPU_MATVEC_LAYOUT` (a copy of the matrix weights, made with
-  `ops.dense.to_layout`; prefills and larger batches are faster in the stored layout), when the two copies take at
-  most half the host's memory (a 7-8B model's would not fit beside its own weights). chunk_steps is 1 (every
-  token streams as soon as it exists) except for 16-bit parameters or compute on CPU: XLA:CPU computes in float32
-  and casts every weight at the start of each call, which a call of one step would pay per token, so 32.
+  On CPU without a mesh, a batch of one decodes from `CPU_MATVEC_LAYOUT` and larger batches from
+  `CPU_BATCH_LAYOUT` (copies of the weights, made with `ops.dense.to_layout`; prefills stay in the stored layout),
+  each when the copies so far take at most half the host's memory (a 7-8B model's would not fit beside its own
+  weights). chunk_steps is 1 (every token streams as soon as it exists) except for 16-bit parameters or compute
+  on CPU: XLA:CPU computes in float32 and casts every weight at the start of each call, which a call of one step
+  would pay per token, so 32.
   """
-  cpu = jax.default_backend() == "cpu"
+  cpu = jax.default_backend() == "cpu" and mesh is None
   narrow = config.param_dtype != "float32" or config.compute_dtype != "float32"
-  copy_fits = 2 * num_params(config) * jnp.dtype(config.param_dtype).itemsize <= host_memory_bytes() // 2
-  layout = CPU_MATVEC_LAYOUT if cpu and batch == 1 and mesh is None and copy_fits else WeightLayout()
-  return DecodePlan(layout=layout, chunk_steps=32 if cpu and narrow else 1)
+  copies = 2 if batch == 1 else 3  # The stored weights, the batch-1 copy, the batches' copy.
+  fits = copies * num_params(config) * jnp.dtype(config.param_dtype).itemsize <= host_memory_bytes() // 2
+  layout = WeightLayout()
+  if cpu and fits:
+    layout = CPU_MATVEC_LAYOUT if batch == 1 else CPU_BATCH_LAYOUT
+  return DecodePlan(layout=layout, chunk_steps=32 if jax.default_backend() == "cpu" and narrow else 1)
 
 
 def inference_params(config: LlamaConfig, params):

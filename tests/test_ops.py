@@ -5,6 +5,7 @@ segments that cross the split-causal kernel's blocks, padding, and a KV cache's 
 einsum its spec names, and parameters moved to another WeightLayout give the stored layout's logits.
 """
 
+import dataclasses
 import types
 
 import haiku as hk
@@ -262,7 +263,8 @@ def _config(**overrides) -> LlamaConfig:
   return LlamaConfig(**{**fields, **overrides})
 
 
-LAYOUTS = {"out_in": dense.WeightLayout(out_in=True), "cpu_matvec": platform.CPU_MATVEC_LAYOUT}
+LAYOUTS = {"out_in": dense.WeightLayout(out_in=True), "cpu_matvec": platform.CPU_MATVEC_LAYOUT,
+           "cpu_batch": platform.CPU_BATCH_LAYOUT, "out_in_per_layer": dense.WeightLayout(out_in=True, per_layer=True)}
 
 
 def _random_params(config: LlamaConfig, seed: int) -> dict:
@@ -306,13 +308,20 @@ def test_bfloat16_weights_read_as_bits_give_their_logits_without_float32_stacks(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, tied", [("cpu_matvec", False), ("out_in", True)])
+@pytest.mark.parametrize("name, tied", [("cpu_matvec", False), ("out_in", True), ("cpu_batch", True),
+                                        ("out_in_per_layer", False)])
 def test_weight_layouts_give_the_stored_layouts_logits(name, tied):
   """to_layout's parameters through make_forward(layout=...): the same logits, full forward and decode steps."""
   config, layout = _config(tie_embeddings=tied), LAYOUTS[name]
   tokens = np.random.default_rng(15).integers(0, config.vocab_size, (2, 9)).astype(np.int32)
   params = _random_params(config, seed=2)
   moved = dense.to_layout(params, layout)
+  if layout.per_layer:  # Layer 1's own arrays: its slices of the stacks, as the other layout fields leave them.
+    stacked = dense.to_layout(params, dataclasses.replace(layout, per_layer=False))
+    assert not any(module.startswith("decoder/") for module in moved)
+    for module in ("decoder/attention", "decoder/mlp", "decoder/input_norm"):
+      for name, leaf in stacked[module].items():
+        np.testing.assert_array_equal(moved[dense.layer_module(module, 1)][name], leaf[1])
   stored, laid_out = jax.jit(llama.make_forward(config).apply), jax.jit(llama.make_forward(config, layout=layout).apply)
   np.testing.assert_allclose(laid_out(moved, tokens)[0], stored(params, tokens)[0], atol=1e-5, rtol=0)
   cache = kv_cache.init_cache(config, 2, 12)
@@ -328,7 +337,8 @@ def test_decode_plan_rules_on_cpu():
   f32, bf16 = _config(), _config(param_dtype="bfloat16")
   assert platform.decode_plan(f32, batch=1) == platform.DecodePlan(platform.CPU_MATVEC_LAYOUT, 1)
   assert platform.decode_plan(bf16, batch=1) == platform.DecodePlan(platform.CPU_MATVEC_LAYOUT, 32)
-  assert platform.decode_plan(f32, batch=2) == platform.DecodePlan(dense.WeightLayout(), 1)
+  assert platform.decode_plan(f32, batch=2) == platform.DecodePlan(platform.CPU_BATCH_LAYOUT, 1)
+  assert platform.decode_plan(f32, batch=2, mesh=object()) == platform.DecodePlan(dense.WeightLayout(), 1)
   assert platform.decode_plan(bf16, batch=1, mesh=object()).layout == dense.WeightLayout()
   assert platform.decode_plan(_config(compute_dtype="bfloat16"), batch=4).chunk_steps == 32
   hash(platform.CPU_MATVEC_LAYOUT)  # A jit static argument.

@@ -2,7 +2,7 @@
 
 It places the parameters once (on the device, or sharded by `sharding.param_specs` over a mesh), asks
 `platform.decode_plan` how each batch size decodes (the weight layout, the steps per call) and keeps a copy of
-the parameters in each layout a plan names. Each group of prompts then goes through `decode`: padded, prefilled,
+the parameters in each layout a plan names, made when it is first used. Each group of prompts then goes through `decode`: padded, prefilled,
 decoded chunk by chunk, while each row's tokens are detokenized and checked against the stop ids and strings.
 """
 
@@ -123,8 +123,8 @@ class Generator:
     (default: `platform.decode_plan`'s); mesh: shard over this `sharding.make_mesh` mesh (params already laid out
     on it stay where they are).
 
-    A plan's weight layout other than the stored one (batch-1 decoding on CPU) costs the matrix weights' bytes a
-    second time: the copy is made here, once.
+    A plan's weight layout other than the stored one (decoding on CPU) costs the weights' bytes again: the copy is
+    made once, when a batch of that plan first decodes.
     """
     if max_batch < 1:
       raise UserError(f"max_batch={max_batch}: must be at least 1")
@@ -140,11 +140,13 @@ class Generator:
     self._plans = {batch: platform.decode_plan(config, batch, mesh) for batch in batches}
     if chunk_steps is not None:
       self._plans = {batch: dataclasses.replace(plan, chunk_steps=chunk_steps) for batch, plan in self._plans.items()}
-    self._decode_params = {plan.layout: to_layout(self.params, plan.layout) for plan in self._plans.values()}
+    self._decode_params = {}  # WeightLayout -> the params in it, made on first use.
 
   def decode_plan(self, batch: int) -> tuple[platform.DecodePlan, dict]:
     """How a padded batch of `batch` rows decodes, and the parameters in that plan's weight layout."""
     plan = self._plans[batch]
+    if plan.layout not in self._decode_params:
+      self._decode_params[plan.layout] = to_layout(self.params, plan.layout)
     return plan, self._decode_params[plan.layout]
 
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
@@ -228,7 +230,7 @@ class Generator:
               stops: tuple[int, ...]) -> Iterator[decode.Chunk]:
     """The group's tokens as they reach the host: padded, prefilled and decoded in its batch size's plan."""
     padded = decode.PaddedBatch.build(prompts, max_new_tokens, stops)
-    plan = self._plans[padded.batch]
+    plan, decode_params = self.decode_plan(padded.batch)
     layout = None if self.mesh is None else sharding.DecodeLayout.for_batch(self.mesh, padded.batch)
     tokens, lengths = padded.tokens, padded.lengths
     if layout is not None:
@@ -236,7 +238,7 @@ class Generator:
     static = dict(config=self.config, sampling=sampling, layout=layout)
     state = decode.prefill(self.params, tokens, lengths, padded.stop_ids, jax.random.key(seed),
                            cache_len=padded.cache_len, **static)
-    step = functools.partial(decode.decode_chunk, self._decode_params[plan.layout], stop_ids=padded.stop_ids,
+    step = functools.partial(decode.decode_chunk, decode_params, stop_ids=padded.stop_ids,
                              max_steps=np.int32(max_new_tokens), chunk_steps=plan.chunk_steps,
                              weight_layout=plan.layout, **static)
     return decode.decode_chunks(state, step, max_new_tokens, plan.chunk_steps)

@@ -6,7 +6,7 @@ Shape glossary:
   F d_ff, V vocab, L layers.
 
 Parameter tree (every leaf under `decoder` has a leading L axis; the layers run in a `scan`, so compile time
-does not grow with depth):
+does not grow with depth; the decode-only `per_layer` layout holds layer i's under `decoder_{i}` instead):
   embedding/embeddings                                    (V, D)
   decoder/input_norm/scale                                (L, D)
   decoder/attention/{q_proj, k_proj, v_proj, out_proj}    (L, D, N, K), (L, D, G, K), (L, D, G, K), (L, N, K, D)
@@ -189,7 +189,12 @@ class Llama(_Module):
     if policy is not None and cache is None:  # Training's trade of compute for memory; a cached pass decodes.
       block = hk.remat(block, policy=policy)
     layers = None if cache is None else kv_cache.LayerCache(cache.k, cache.v, jnp.int32(0))
-    x, layers = hk.layer_stack(c.num_layers, name="decoder")(block)(x, layers)  # (B, T, D)
+    if self.layout.per_layer:  # Each layer's weights their own arrays (ops.dense.WeightLayout), run unrolled.
+      for i in range(c.num_layers):
+        with hk.name_scope(dense.layer_module(dense.DECODER, i)):
+          x, layers = block(x, layers)  # (B, T, D)
+    else:
+      x, layers = hk.layer_stack(c.num_layers, name=dense.DECODER)(block)(x, layers)  # (B, T, D)
     if cache is not None:
       cache = kv_cache.KVCache(layers.k, layers.v, cache_end + jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32))
     if logits_at is not None:

@@ -48,22 +48,45 @@ class WeightLayout:
   """
   out_in: bool = False
   library_matvec: frozenset[str] = frozenset()  # Leaf names of `out_in` weights taken as they lie.
+  # Each layer's leaves as arrays of their own, under `decoder_{i}/...` (`layer_module`), and the layers unrolled
+  # rather than scanned: for decoding several rows on XLA:CPU, which copies a layer's slice of an (L, ...) stack
+  # out before each matrix library call (every weight written and read again per step); a whole array it reads
+  # as it lies. The price: one compile per layer's code (the scan compiles one body), so decoding only.
+  per_layer: bool = False
+
+
+DECODER = "decoder"  # The layer stack's module name (models.llama); its leaves have a leading L axis.
+
+
+def layer_module(module: str, layer: int) -> str:
+  """The module name of layer `layer`'s slice of the decoder module `module` ("decoder/mlp") in a `per_layer`
+  tree ("decoder_3/mlp")."""
+  return f"{DECODER}_{layer}{module[len(DECODER):]}"
 
 
 def to_layout(params: Mapping, layout: WeightLayout) -> Mapping:
-  """The stored-layout `params` in `layout`: matrix weights (the table's `is_matmul` rows) rearranged, their
-  `n_in` leading axes flattened last as (out, in); every other leaf shared, every name unchanged."""
-  if not layout.out_in:
-    return params
+  """The stored-layout `params` in `layout`: with `out_in`, matrix weights (the table's `is_matmul` rows)
+  rearranged, their `n_in` leading axes flattened last as (out, in), under the same names; with `per_layer`,
+  every decoder leaf (a LoRA adapter's too) split into its layers' arrays. Every other leaf is shared."""
+  if layout.out_in:
+    def arrange(row: param_table.Param, leaf):
+      if not row.is_matmul:
+        return leaf
+      lead = 1 if row.stacked else 0  # The layer axis stays first.
+      n_in = math.prod(leaf.shape[lead:lead + row.n_in])
+      return jnp.swapaxes(leaf.reshape(*leaf.shape[:lead], n_in, -1), -1, -2)  # ([L,] out, in)
 
-  def arrange(row: param_table.Param, leaf):
-    if not row.is_matmul:
-      return leaf
-    lead = 1 if row.stacked else 0  # The layer axis stays first.
-    n_in = math.prod(leaf.shape[lead:lead + row.n_in])
-    return jnp.swapaxes(leaf.reshape(*leaf.shape[:lead], n_in, -1), -1, -2)  # ([L,] out, in)
-
-  return param_table.map_params(arrange, params)
+    params = param_table.map_params(arrange, params)
+  if layout.per_layer:
+    split = {}
+    for module, leaves in params.items():
+      if module != DECODER and not module.startswith(DECODER + "/"):
+        split[module] = leaves
+        continue
+      for i in range(next(iter(leaves.values())).shape[0]):
+        split[layer_module(module, i)] = {name: leaf[i] for name, leaf in leaves.items()}
+    params = split
+  return params
 
 
 def dense(x: jax.Array, spec: str, name: str, *, sizes: Mapping[str, int], dtype, param_dtype,
