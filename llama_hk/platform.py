@@ -38,10 +38,12 @@ class DecodePlan:
 def decode_plan(config: LlamaConfig, batch: int, mesh=None) -> DecodePlan:
   """The decode steps' plan for `batch` rows on this backend (`mesh`: a sharding mesh, or None).
 
-  On CPU without a mesh, a batch of one decodes from `CPU_MATVEC_LAYOUT` and larger batches from
-  `CPU_BATCH_LAYOUT` (copies of the weights, made with `ops.dense.to_layout`; prefills stay in the stored layout),
-  each when the copies so far take at most half the host's memory (a 7-8B model's would not fit beside its own
-  weights). chunk_steps is 1 (every token streams as soon as it exists) except for 16-bit parameters or compute
+  On CPU without a mesh, a batch of one decodes from `CPU_MATVEC_LAYOUT` and larger batches of float32 weights
+  and compute from `CPU_BATCH_LAYOUT` (copies of the weights, made with `ops.dense.to_layout`; prefills stay in the
+  stored layout), each when the copies so far take at most half the host's memory (a 7-8B model's would not fit
+  beside its own weights). Narrow weights stay stacked beyond batch 1: a weight that the decode loop does not
+  slice has its float32 conversion hoisted out of the loop by XLA:CPU (ops.dense), so per-layer narrow weights
+  would be read as float32 copies at every step. chunk_steps is 1 (every token streams as soon as it exists) except for 16-bit parameters or compute
   on CPU: XLA:CPU computes in float32 and casts every weight at the start of each call, which a call of one step
   would pay per token, so 32.
   """
@@ -50,8 +52,10 @@ def decode_plan(config: LlamaConfig, batch: int, mesh=None) -> DecodePlan:
   copies = 2 if batch == 1 else 3  # The stored weights, the batch-1 copy, the batches' copy.
   fits = copies * num_params(config) * jnp.dtype(config.param_dtype).itemsize <= host_memory_bytes() // 2
   layout = WeightLayout()
-  if cpu and fits:
-    layout = CPU_MATVEC_LAYOUT if batch == 1 else CPU_BATCH_LAYOUT
+  if cpu and fits and batch == 1:
+    layout = CPU_MATVEC_LAYOUT
+  elif cpu and fits and not narrow:
+    layout = CPU_BATCH_LAYOUT
   return DecodePlan(layout=layout, chunk_steps=32 if jax.default_backend() == "cpu" and narrow else 1)
 
 

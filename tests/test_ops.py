@@ -339,6 +339,7 @@ def test_decode_plan_rules_on_cpu():
   assert platform.decode_plan(bf16, batch=1) == platform.DecodePlan(platform.CPU_MATVEC_LAYOUT, 32)
   assert platform.decode_plan(f32, batch=2) == platform.DecodePlan(platform.CPU_BATCH_LAYOUT, 1)
   assert platform.decode_plan(f32, batch=2, mesh=object()) == platform.DecodePlan(dense.WeightLayout(), 1)
+  assert platform.decode_plan(bf16, batch=8) == platform.DecodePlan(dense.WeightLayout(), 32)
   assert platform.decode_plan(bf16, batch=1, mesh=object()).layout == dense.WeightLayout()
   assert platform.decode_plan(_config(compute_dtype="bfloat16"), batch=4).chunk_steps == 32
   hash(platform.CPU_MATVEC_LAYOUT)  # A jit static argument.
