@@ -7,8 +7,8 @@ client run to tens or hundreds of tokens) or `short` 8, 16, 24, 16 (the first mi
 work); greedy, streamed; --concurrency streams at a time (asyncio). Each load
 is preceded by a warm-up round of max(concurrency, 12) of its requests, every kind of the mix (our server
 compiles each prompt and batch bucket once; JAX's persistent cache keeps them across runs), then runs --repeats
-times, the best run counting for each server (at 16 streams, ours ran 96-134 output tokens/s in the first run
-after its warm-up and 156-159 in the next, EPYC-Zen4; the cause was not found). Reported per server
+times, the best run counting for each server (ours' first run after its warm-up is often the slower one; every
+run's figure is printed, and README's Serving section gives them). Reported per server
 and concurrency: output tokens/s (completion tokens over the wall time), requests/s, p50 and p95 time to first
 token, and each stream's decode rate (tokens after the first over the time from first to last); then our /
 transformers' ratios, and bin/generate's batch-1 decode tokens/s beside our one-stream decode rate.

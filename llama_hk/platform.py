@@ -43,20 +43,23 @@ def decode_plan(config: LlamaConfig, batch: int, mesh=None) -> DecodePlan:
   stored layout), each when the copies so far take at most half the host's memory (a 7-8B model's would not fit
   beside its own weights). Narrow weights stay stacked beyond batch 1: a weight that the decode loop does not
   slice has its float32 conversion hoisted out of the loop by XLA:CPU (ops.dense), so per-layer narrow weights
-  would be read as float32 copies at every step. chunk_steps is 1 (every token streams as soon as it exists) except for 16-bit parameters or compute
-  on CPU: XLA:CPU computes in float32 and casts every weight at the start of each call, which a call of one step
-  would pay per token, so 32.
+  would be read as float32 copies at every step. chunk_steps is 1 (every token streams as soon as it exists)
+  except for 16-bit parameters or compute on CPU: XLA:CPU computes in float32 and casts every weight at the start
+  of each call, which a call of one step would pay per token, so 32.
   """
-  cpu = jax.default_backend() == "cpu" and mesh is None
+  cpu = jax.default_backend() == "cpu"
   narrow = config.param_dtype != "float32" or config.compute_dtype != "float32"
-  copies = 2 if batch == 1 else 3  # The stored weights, the batch-1 copy, the batches' copy.
-  fits = copies * num_params(config) * jnp.dtype(config.param_dtype).itemsize <= host_memory_bytes() // 2
+
+  def fits(copies: int) -> bool:  # The stored weights and the layouts' copies, within half the host's memory.
+    return copies * num_params(config) * jnp.dtype(config.param_dtype).itemsize <= host_memory_bytes() // 2
+
   layout = WeightLayout()
-  if cpu and fits and batch == 1:
-    layout = CPU_MATVEC_LAYOUT
-  elif cpu and fits and not narrow:
-    layout = CPU_BATCH_LAYOUT
-  return DecodePlan(layout=layout, chunk_steps=32 if jax.default_backend() == "cpu" and narrow else 1)
+  if cpu and mesh is None:
+    if batch == 1 and fits(2):  # Stored + batch-1 copy.
+      layout = CPU_MATVEC_LAYOUT
+    elif batch > 1 and not narrow and fits(3):  # Stored + batch-1 copy + the batches' copy.
+      layout = CPU_BATCH_LAYOUT
+  return DecodePlan(layout=layout, chunk_steps=32 if cpu and narrow else 1)
 
 
 def inference_params(config: LlamaConfig, params):

@@ -2,8 +2,9 @@
 
 It places the parameters once (on the device, or sharded by `sharding.param_specs` over a mesh), asks
 `platform.decode_plan` how each batch size decodes (the weight layout, the steps per call) and keeps a copy of
-the parameters in each layout a plan names, made when it is first used. Each group of prompts then goes through `decode`: padded, prefilled,
-decoded chunk by chunk, while each row's tokens are detokenized and checked against the stop ids and strings.
+the parameters in each layout a plan names, made when it is first used. Each group of prompts then goes through
+`decode`: padded, prefilled, decoded chunk by chunk, while each row's tokens are detokenized and checked against
+the stop ids and strings.
 """
 
 import dataclasses
