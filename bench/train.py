@@ -9,6 +9,11 @@ every round times --steps steps of ours, then of torch, then of ours with bfloat
 peak (JAX, 2048^2), so that the shared machine's load changes skew all alike. Prints every round, then the medians:
 tokens/s of each, the median of the rounds' ratios, MFU of each against the median peak, and the machine.
 
+Each side's turn in a round starts with one untimed step, so that the rounds time steady training, which a real
+run is: both sides allocate their temporaries afresh at every step, and on a virtual machine the first step after
+a pause of a few seconds (the other sides' turns) touches memory the host has taken back meanwhile, which costs
+that step seconds (README, performance) that steps run back to back do not pay.
+
 The process runs as bin/train does, with glibc's huge-page tunable (llama_hk/huge_pages.py), torch included; run
 with GLIBC_TUNABLES=glibc.malloc.hugetlb=0 to see both sides without it.
 
@@ -36,7 +41,8 @@ import machine  # bench/machine.py, beside this script.
 import step_timing  # bench/step_timing.py, beside this script.
 
 flags.DEFINE_integer("rounds", 5, "Interleaved rounds; the medians over them count.")
-flags.DEFINE_integer("steps", 5, "Timed steps per side and round (after two warm-up steps once per side).")
+flags.DEFINE_integer("steps", 5, "Timed steps per side and round (after two warm-up steps once per side, and one "
+                     "untimed step per side and round).")
 FLAGS = flags.FLAGS
 HYPER = dict(peak_learning_rate=3e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
 # A pause before each measurement, so that the last side's worker threads (torch's OpenMP team, XLA's pool) have
@@ -117,6 +123,7 @@ def main(argv):
   for r in range(FLAGS.rounds):
     for name, run in runners.items():
       time.sleep(PAUSE_SECONDS)
+      run(1)  # Untimed: see the module docstring.
       before = page_faults()
       rates[name].append(tokens_per_step / run(FLAGS.steps))
       faults[name].append((page_faults() - before) / FLAGS.steps)

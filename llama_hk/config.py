@@ -46,6 +46,9 @@ class LlamaConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
   remat_policy: str = "none"  # Rematerialization in training: "none", "full" or "dots".
+  # Run the layer scan unrolled: straight-line code that XLA schedules and buffers across layers, without the
+  # loop's per-layer slices and stacked residuals (the CPU train step's choice); compile time grows with depth.
+  unroll_layers: bool = False
   attention_impl: str = "split_causal"  # One of ATTENTION_IMPLS.
   family: str = "llama"  # One of FAMILIES.
   sliding_window: int | None = None  # Mistral: a query sees this many most recent keys, itself included.

@@ -42,11 +42,11 @@ def _torch_run(model, batches) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tie", [False, True])
-def test_steps_equal_pytorch(tiny_hf_model, tie):
+@pytest.mark.parametrize("tie,unroll_layers", [(False, False), (True, False), (False, True)])
+def test_steps_equal_pytorch(tiny_hf_model, tie, unroll_layers):
   hf = tiny_hf_model(seed=3, weight_std=0.05, tie_word_embeddings=tie)
   hf.train()
-  config = config_lib.from_hf_config(hf.config.to_dict())
+  config = config_lib.from_hf_config(hf.config.to_dict()).replace(unroll_layers=unroll_layers)
   state_dict = {k: v.detach().numpy().copy() for k, v in hf.state_dict().items()}
   params = params_from_hf(state_dict, config)
   optimizer = train.make_optimizer(total_steps=STEPS, schedule="constant", **HYPER)

@@ -6,7 +6,8 @@ Shape glossary:
   F d_ff, V vocab, L layers.
 
 Parameter tree (every leaf under `decoder` has a leading L axis; the layers run in a `scan`, so compile time
-does not grow with depth; the decode-only `per_layer` layout holds layer i's under `decoder_{i}` instead):
+does not grow with depth unless `unroll_layers`; the decode-only `per_layer` layout holds layer i's under
+`decoder_{i}` instead):
   embedding/embeddings                                    (V, D)
   decoder/input_norm/scale                                (L, D)
   decoder/attention/{q_proj, k_proj, v_proj, out_proj}    (L, D, N, K), (L, D, G, K), (L, D, G, K), (L, N, K, D)
@@ -194,7 +195,8 @@ class Llama(_Module):
         with hk.name_scope(dense.layer_module(dense.DECODER, i)):
           x, layers = block(x, layers)  # (B, T, D)
     else:
-      x, layers = hk.layer_stack(c.num_layers, name=dense.DECODER)(block)(x, layers)  # (B, T, D)
+      unroll = c.num_layers if c.unroll_layers else 1
+      x, layers = hk.layer_stack(c.num_layers, unroll=unroll, name=dense.DECODER)(block)(x, layers)  # (B, T, D)
     if cache is not None:
       cache = kv_cache.KVCache(layers.k, layers.v, cache_end + jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32))
     if logits_at is not None:

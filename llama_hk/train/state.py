@@ -23,7 +23,7 @@ from llama_hk.train.checkpointing import Checkpointer
 from llama_hk.train.step import Optimizer, TrainState, init_state
 
 # How a model runs rather than what it is: these may change between runs of one model_dir.
-RUNTIME_FIELDS = ("compute_dtype", "remat_policy", "param_dtype", "attention_impl")
+RUNTIME_FIELDS = ("compute_dtype", "remat_policy", "param_dtype", "attention_impl", "unroll_layers")
 
 
 def model_config(config: LlamaConfig, init_checkpoint: str | None) -> LlamaConfig:
