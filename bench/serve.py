@@ -5,10 +5,11 @@ The load is fixed: request i has a prompt of consecutive words of King Lear (abo
 and max_tokens by i mod 4 from the --mix: `chat` 32, 64, 128, 64 (the default: replies of a chat or completion
 client run to tens or hundreds of tokens) or `short` 8, 16, 24, 16 (the first mix: prefills are about half the
 work); greedy, streamed; --concurrency streams at a time (asyncio). Each load
-is preceded by a warm-up round of max(concurrency, 12) of its requests, every kind of the mix (our server
-compiles each prompt and batch bucket once; JAX's persistent cache keeps them across runs), then runs --repeats
-times, the best run counting for each server (ours' first run after its warm-up is often the slower one; every
-run's figure is printed, and README's Serving section gives them). Reported per server
+is preceded by a warm-up round of the same requests at the same concurrency, then runs --repeats times, the best
+run counting for each server (every run's figure is printed, and README's Serving section gives them). The
+warm-up is the whole load because our server compiles each shape it meets once (prompt bucket x prefill rows,
+batch bucket x steps per call), and which ones a load meets depends on how its requests arrive and finish: a
+warm-up of only the mix's every kind left the first measured run compiling. Reported per server
 and concurrency: output tokens/s (completion tokens over the wall time), requests/s, p50 and p95 time to first
 token, and each stream's decode rate (tokens after the first over the time from first to last); then our /
 transformers' ratios, and bin/generate's batch-1 decode tokens/s beside our one-stream decode rate.
@@ -38,7 +39,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PLAYS = REPO.parent / "shared" / "data" / "shakespeare"
 PROMPT_WORDS = (12, 36, 72)  # About 16, 48 and 96 tokens.
 MIXES = {"chat": (32, 64, 128, 64), "short": (8, 16, 24, 16)}  # max_tokens by request index mod 4.
-WARM_UP = len(PROMPT_WORDS) * 4  # Requests in a warm-up round at least: the mix's every kind.
 STARTUP_S = 600
 REQUEST_S = 900
 
@@ -107,9 +107,8 @@ async def load(url: str, model: str, requests: list[tuple[str, int]], concurrenc
       return await one(client, model, prompt, n)
 
   try:
-    # Warm-up: every prompt length and output length of the mix, at this concurrency (our server compiles each
-    # prompt bucket and batch bucket once; transformers' warms up alike).
-    await asyncio.gather(*(gated(p, n) for p, n in requests[:max(concurrency, WARM_UP)]))
+    # Warm-up: the whole load once (the module docstring says why); transformers' server gets the same.
+    await asyncio.gather(*(gated(p, n) for p, n in requests))
     runs = []
     for _ in range(repeats):
       started = time.perf_counter()
