@@ -3,7 +3,8 @@
 
 Run once per tree and round, the tree first on PYTHONPATH, alternating trees round by round (bench/before_after.sh),
 so that a change of the machine's load skews both alike. The train step is bench/train.py's JAX side (the 34M model
-of gin/bench/train_34m.gin, 8 x 256 tokens, AdamW, best of 5 steps); decode and prefill are bench/generate.py's own
+of gin/bench/train_34m.gin, 8 x 256 tokens, AdamW, best of 5 steps), its layers in a scan, as every tree runs them
+(LlamaConfig.unroll_layers is newer than some); decode and prefill are bench/generate.py's own
 `measure` of the tree under test (float32, best of 5). It reads only what both trees have (llama_hk.training or
 llama_hk.train), so a tree from before the architecture split runs it too.
 
