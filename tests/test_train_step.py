@@ -53,6 +53,8 @@ def test_steps_equal_pytorch(tiny_hf_model, tie, unroll_layers):
   state = train.init_state(config, optimizer, params=params)
   step = jax.jit(train.make_train_step(config, optimizer))
   batches = _batches(config.vocab_size, STEPS)
+  # The layers as XLA runs them: a loop (forward and backward), or straight-line code when unrolled.
+  assert ("while(" in step.lower(state, batches[0]).compile().as_text()) == (not unroll_layers)
   ours = []
   for batch in batches:
     state, metrics = step(state, batch)
