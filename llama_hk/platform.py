@@ -20,8 +20,8 @@ from llama_hk.ops.dense import WeightLayout, as_bits
 # which a streaming loop split over the threads waits for an idle one to wake up.
 CPU_MATVEC_LAYOUT = WeightLayout(out_in=True, library_matvec=frozenset({"out_proj"}))
 # Decoding several rows on XLA:CPU: matrix-matrix products, each layer's weights an array of its own (see
-# WeightLayout.per_layer), so the matrix library reads them where they lie.
-CPU_BATCH_LAYOUT = WeightLayout(per_layer=True)
+# WeightLayout.per_layer), so the matrix library reads them where they lie, each (out, in) weight the left operand.
+CPU_BATCH_LAYOUT = WeightLayout(out_in=True, per_layer=True, weights_first=True)
 
 # Dense bfloat16 peaks (FLOP/s per device) of known accelerators, for MFU.
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,

@@ -223,7 +223,8 @@ def test_dense_computes_its_einsum():
                                        param_dtype="float32")).init(jax.random.key(0), x)
 
 
-@pytest.mark.parametrize("layout", [dense.WeightLayout(), dense.WeightLayout(out_in=True), platform.CPU_MATVEC_LAYOUT])
+@pytest.mark.parametrize("layout", [dense.WeightLayout(), dense.WeightLayout(out_in=True), platform.CPU_MATVEC_LAYOUT,
+                                    platform.CPU_BATCH_LAYOUT])
 def test_narrow_weight_too_big_to_convert_goes_in_column_blocks(monkeypatch, layout):
   """A bfloat16 weight whose float32 copy passes CONVERT_BLOCK_BYTES is multiplied in blocks of output columns:
   the product, the gradient and an int8 given (out, in) table's scaled product are the unblocked ones."""
@@ -309,7 +310,7 @@ def test_bfloat16_weights_read_as_bits_give_their_logits_without_float32_stacks(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, tied", [("cpu_matvec", False), ("out_in", True), ("cpu_batch", True),
-                                        ("out_in_per_layer", False)])
+                                        ("cpu_batch", False), ("out_in_per_layer", False)])
 def test_weight_layouts_give_the_stored_layouts_logits(name, tied):
   """to_layout's parameters through make_forward(layout=...): the same logits, full forward and decode steps."""
   config, layout = _config(tie_embeddings=tied), LAYOUTS[name]
@@ -323,6 +324,9 @@ def test_weight_layouts_give_the_stored_layouts_logits(name, tied):
       for name, leaf in stacked[module].items():
         np.testing.assert_array_equal(moved[dense.layer_module(module, 1)][name], leaf[1])
   stored, laid_out = jax.jit(llama.make_forward(config).apply), jax.jit(llama.make_forward(config, layout=layout).apply)
+  # weights_first: every product (7 a layer, and the head) between its two barriers.
+  barriers = 2 * (7 * config.num_layers + 1) if layout.weights_first else 0
+  assert str(jax.make_jaxpr(laid_out)(moved, tokens)).count("optimization_barrier") == barriers
   np.testing.assert_allclose(laid_out(moved, tokens)[0], stored(params, tokens)[0], atol=1e-5, rtol=0)
   cache = kv_cache.init_cache(config, 2, 12)
   filled = np.random.default_rng(16).standard_normal(cache.k.shape).astype(np.float32)

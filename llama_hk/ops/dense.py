@@ -44,10 +44,14 @@ class WeightLayout:
   weight read, written and read again per token). Flat, because a contracted axis split in two would cost that
   loop an integer division per element. `out_in` weights are taken as the (in, out) transpose, which XLA streams,
   except those named in `library_matvec`, contracted as they lie: XLA then copies the layer's slice out and calls
-  the library's matrix-vector routine (`platform.decode_plan` says where that wins).
+  the library's matrix-vector routine (`platform.decode_plan` says where that wins). With `weights_first`, every
+  (out, in) weight is the left operand instead: (out, in) times the rows transposed, (in, M), and the (out, M)
+  product transposed back; for a few rows XLA:CPU's matrix library runs that order faster than (M, in) times
+  (in, out), provided both transposes are made as copies (folded into the product's layouts, they are slower).
   """
   out_in: bool = False
   library_matvec: frozenset[str] = frozenset()  # Leaf names of `out_in` weights taken as they lie.
+  weights_first: bool = False  # `out_in` weights (and a given (out, in) weight) as the left operand.
   # Each layer's leaves as arrays of their own, under `decoder_{i}/...` (`layer_module`), and the layers unrolled
   # rather than scanned: for decoding several rows on XLA:CPU, which copies a layer's slice of an (L, ...) stack
   # out before each matrix library call (every weight written and read again per step); a whole array it reads
@@ -153,7 +157,8 @@ def dense(x: jax.Array, spec: str, name: str, *, sizes: Mapping[str, int], dtype
     w = jax.lax.dynamic_slice_in_dim(w, start, size, axis=0 if out_in else 1)  # (size, in) or (in, size)
     scale = None if scale is None else jax.lax.dynamic_slice_in_dim(scale, start, size)  # (size,)
     out_shape = (size,)
-  y = _product(x, w, dtype, out_in, name in layout.library_matvec, einsum_kwargs)  # (M, out)
+  order = "weights_first" if layout.weights_first else "as_lies" if name in layout.library_matvec else "streamed"
+  y = _product(x, w, dtype, out_in, order, einsum_kwargs)  # (M, out)
   if scale is not None:
     y = y * scale.reshape(-1).astype(y.dtype)  # (M, out)
   if lora is not None and weight is None and name in lora.weight_names:
@@ -161,9 +166,10 @@ def dense(x: jax.Array, spec: str, name: str, *, sizes: Mapping[str, int], dtype
   return y.reshape(*lead, *out_shape)
 
 
-def _product(x: jax.Array, w: jax.Array, dtype, out_in: bool, as_lies: bool, einsum_kwargs) -> jax.Array:
+def _product(x: jax.Array, w: jax.Array, dtype, out_in: bool, order: str, einsum_kwargs) -> jax.Array:
   """x (M, in) times w, stored (out, in) if out_in else (in, out), cast to `dtype`: (M, out). An `out_in` weight
-  is contracted as its transpose (which XLA streams) unless `as_lies`. A narrow weight too big to convert whole
+  is contracted in `order` (WeightLayout): "streamed" as its transpose (which XLA streams), "as_lies" as the right
+  operand, "weights_first" as the left one, the product transposed. A narrow weight too big to convert whole
   goes in blocks of output columns (a scan whose body is rematerialized, so its gradient keeps no converted
   block either)."""
   out_axis = 0 if out_in else 1
@@ -174,7 +180,10 @@ def _product(x: jax.Array, w: jax.Array, dtype, out_in: bool, as_lies: bool, ein
     w_block = widen(w_block, dtype)
     if not out_in:
       return jnp.einsum("MI,IO->MO", x, w_block, **einsum_kwargs)
-    if as_lies:
+    if order == "weights_first":  # Barriers keep XLA from folding the transposes into the product's layouts.
+      x_t = jax.lax.optimization_barrier(x.T)  # (in, M)
+      return jax.lax.optimization_barrier(jnp.einsum("OI,IM->OM", w_block, x_t, **einsum_kwargs)).T
+    if order == "as_lies":
       return jnp.einsum("MI,OI->MO", x, w_block, **einsum_kwargs)
     return jnp.einsum("MI,IO->MO", x, w_block.T, **einsum_kwargs)
 
