@@ -92,3 +92,39 @@ def test_engine_groups_prefills_by_bucket_and_chunks_decoding(tiny, monkeypatch)
     ids = [t for o in outs for t in o.ids]
     assert outs[-1].finish_reason == "length" and ids == _greedy(model, prompt, n)
   np.testing.assert_equal([o[-1].error for o in outputs], [None] * 4)
+
+
+def test_cache_keeps_the_slots_its_rows_may_fill(tiny, monkeypatch):
+  """The cache grows to the bucket of the longest prompt + max_tokens among its rows when such a row is admitted
+  and shrinks when it finishes, so decode steps attend over those slots only; every result stays transformers'
+  greedy one."""
+  from llama_hk.inference.generator import Generator
+
+  model, ckpt = tiny
+  long_prompt, short_prompt = list(range(400, 450)), list(range(500, 505))  # 50 + 4 -> 64 slots; 5 + 20 -> 32.
+  slots = []
+  decode_rows = engine_lib.decode_rows
+
+  def recording(params, cache, *args, **kwargs):
+    slots.append(cache.k.shape[3])
+    return decode_rows(params, cache, *args, **kwargs)
+
+  monkeypatch.setattr(engine_lib, "decode_rows", recording)
+  engine = Engine(Generator(ckpt.config, ckpt.params, ckpt.tokenizer, max_batch=2), max_seq_len=64)
+  outputs = [[], []]
+  done = threading.Event()
+
+  def emit(i, out):
+    outputs[i].append(out)
+    if all(o and o[-1].finish_reason for o in outputs):
+      done.set()
+
+  engine.submit([Request(tuple(long_prompt), 4), Request(tuple(short_prompt), 20)], emit)
+  engine.start()
+  try:
+    assert done.wait(300)
+  finally:
+    engine.stop()
+  assert slots[0] == 64 and slots[-1] == 32 and set(slots) == {32, 64}, slots  # Shrunk once the long row ended.
+  for outs, prompt, n in zip(outputs, (long_prompt, short_prompt), (4, 20)):
+    assert [t for o in outs for t in o.ids] == _greedy(model, prompt, n)

@@ -2,8 +2,9 @@
 
 One background thread owns the cache and every compiled call. The running batch is bucketed by occupancy (1, 2,
 4, ... rows, at most `decode.batch_bucket(max_batch)`), so a lone stream decodes on the batch-1 path (the
-platform's batch-1 weight layout included); the cache keeps `decode.bucket(max_seq_len)` slots per row, so every
-length compiles once. New requests of one prompt bucket are prefilled together (up to PREFILL_ROWS, a power of
+platform's batch-1 weight layout included); the cache keeps the slots its rows may fill (the bucket of the longest
+prompt + max_tokens among them, at most `decode.bucket(max_seq_len)`), so a decode step attends over no more
+slots than its rows can reach, whatever the context. New requests of one prompt bucket are prefilled together (up to PREFILL_ROWS, a power of
 two) and written into free rows, joining at the next decode call. A decode call runs DECODE_CHUNK steps while no
 request waits and no row can finish inside it, else one step; a row that finishes or is cancelled frees its row
 before the next call, and when no request waits and the rows in use fit a smaller bucket they are gathered into
@@ -33,7 +34,7 @@ from llama_hk.inference import decode
 from llama_hk.inference.detokenize import IncrementalDetokenizer
 from llama_hk.inference.generator import Generator, Row
 from llama_hk.inference.sampling import argmax, sample_rows, scaled_logits
-from llama_hk.models import KVCache, init_cache, make_forward
+from llama_hk.models import KVCache, init_cache, make_forward, pad_cache
 from llama_hk.ops.dense import WeightLayout
 
 PREFILL_ROWS = 4  # The most new sequences prefilled in one call (1, 2 or 4: a few compiles per prompt bucket).
@@ -172,6 +173,14 @@ def grow(cache: KVCache, *, rows: int) -> KVCache:
   return KVCache(jnp.pad(cache.k, pad), jnp.pad(cache.v, pad), jnp.pad(cache.end_index, (0, extra)))
 
 
+@functools.partial(jax.jit, static_argnames=("slots",), donate_argnames=("cache",))
+def resize_slots(cache: KVCache, *, slots: int) -> KVCache:
+  """The cache with `slots` slots a row: empty ones appended, or the last ones, which no row reaches, dropped."""
+  if slots >= cache.k.shape[3]:
+    return pad_cache(cache, slots)
+  return cache._replace(k=cache.k[:, :, :, :slots], v=cache.v[:, :, :, :slots])  # (L, B, G, S', K) x 2
+
+
 @functools.partial(jax.jit, static_argnames=("config", "weight_layout", "chunk_steps", "sampled", "top_n"),
                    donate_argnames=("cache",))
 def decode_rows(params, cache: KVCache, tokens, fields: RowFields, stop_ids, *, config,
@@ -250,10 +259,9 @@ class Engine:
     self.tokenizer = generator.tokenizer
     self.max_seq_len = max_seq_len
     self.max_queue = max_queue
-    self._slots = decode.bucket(max_seq_len)
     self._stop_ids = decode.padded_stop_ids(self.tokenizer.eos_ids)
     self._rows: list[Job | None] = [None]
-    self._cache = init_cache(self.config, 1, self._slots)
+    self._cache = init_cache(self.config, 1, decode.bucket(1))
     self._waiting: collections.deque[Job] = collections.deque()
     self._condition = threading.Condition()
     self._stopping = False
@@ -328,7 +336,7 @@ class Engine:
       if seq is not None:
         seq.emit(Output([], "", finish_reason="error", error=message))
         self._rows[r] = None
-    self._rows, self._cache = [None], init_cache(self.config, 1, self._slots)
+    self._rows, self._cache = [None], init_cache(self.config, 1, decode.bucket(1))
 
   def _finish_all(self) -> None:
     with self._condition:
@@ -358,6 +366,14 @@ class Engine:
       index = used + [0] * (size - len(used))
       self._cache = regroup(self._cache, np.array(index, np.int32))
       self._rows = [self._rows[r] for r in used] + [None] * (size - len(used))
+    self._fit_slots()
+
+  def _fit_slots(self) -> None:
+    """Resizes the cache to the slots its rows may fill: the bucket of the longest prompt + max_tokens in use."""
+    needs = [len(seq.request.prompt) + seq.request.max_tokens for seq in self._rows if seq is not None]
+    slots = decode.bucket(max(needs)) if needs else self._cache.k.shape[3]
+    if slots != self._cache.k.shape[3]:
+      self._cache = resize_slots(self._cache, slots=slots)
 
   def _free_row(self) -> int | None:
     """A row for a new sequence: a free one, else the batch grown, once, to the bucket that holds every waiting
@@ -392,6 +408,8 @@ class Engine:
         seq.emit(Output([], "", [] if seq.request.logprobs else None, "length",
                         prompt_logprobs=self._prompt_logprobs(seq.request)))
     rows = [a for a in admitted if a[1] >= 0]
+    if rows:
+      self._fit_slots()
     for group in prefill_groups([len(seq.request.prompt) for seq, _ in rows]):
       self._prefill([rows[i] for i in group])
 
