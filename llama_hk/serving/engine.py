@@ -4,11 +4,11 @@ One background thread owns the cache and every compiled call. The running batch 
 4, ... rows, at most `decode.batch_bucket(max_batch)`), so a lone stream decodes on the batch-1 path (the
 platform's batch-1 weight layout included); the cache keeps the slots its rows may fill (the bucket of the longest
 prompt + max_tokens among them, at most `decode.bucket(max_seq_len)`), so a decode step attends over no more
-slots than its rows can reach, whatever the context. New requests of one prompt bucket are prefilled together (up to PREFILL_ROWS, a power of
-two) and written into free rows, joining at the next decode call. A decode call runs DECODE_CHUNK steps while no
-request waits and no row can finish inside it, else one step; a row that finishes or is cancelled frees its row
-before the next call, and when no request waits and the rows in use fit a smaller bucket they are gathered into
-it. Requests beyond the rows wait in a bounded queue.
+slots than its rows can reach, whatever the context. New requests of one prompt bucket are prefilled together (up
+to PREFILL_ROWS, a power of two) and written into free rows, joining at the next decode call. A decode call runs
+DECODE_CHUNK steps while no request waits and no row can finish inside it, else one step; a row that finishes or
+is cancelled frees its row before the next call, and when no request waits and the rows in use fit a smaller
+bucket they are gathered into it. Requests beyond the rows wait in a bounded queue.
 
 Each row samples with its own fields (temperature, top-k, top-p) and key: the k-th token of a sequence is drawn
 with fold_in(fold_in(key(seed), choice), k), so what a row produces does not depend on what else is in the
