@@ -128,3 +128,41 @@ def test_cache_keeps_the_slots_its_rows_may_fill(tiny, monkeypatch):
   assert slots[0] == 64 and slots[-1] == 32 and set(slots) == {32, 64}, slots  # Shrunk once the long row ended.
   for outs, prompt, n in zip(outputs, (long_prompt, short_prompt), (4, 20)):
     assert [t for o in outs for t in o.ids] == _greedy(model, prompt, n)
+
+
+def test_cache_grows_as_a_long_completion_gets_there(tiny, monkeypatch):
+  """A request whose max_tokens runs far (the chat default: the rest of the context) starts on the slots its
+  prompt and SLOTS_AHEAD more tokens reach, and the cache doubles as it gets there: no call runs on slots its row
+  could outgrow inside it, and the result stays transformers' greedy one."""
+  from llama_hk.inference.generator import Generator
+
+  model, ckpt = tiny
+  monkeypatch.setattr(engine_lib, "SLOTS_AHEAD", 2 * DECODE_CHUNK)  # 16: two chunked calls.
+  prompt, new_tokens = list(range(325, 330)), 55  # 5 + 16 -> 32 slots at first; 60 in all -> at most 64.
+  calls = []
+  decode_rows = engine_lib.decode_rows
+
+  def recording(params, cache, *args, **kwargs):
+    calls.append((cache.k.shape[3], int(np.asarray(cache.end_index)[0]), kwargs["chunk_steps"]))
+    return decode_rows(params, cache, *args, **kwargs)
+
+  monkeypatch.setattr(engine_lib, "decode_rows", recording)
+  engine = Engine(Generator(ckpt.config, ckpt.params, ckpt.tokenizer, max_batch=1), max_seq_len=64)
+  outputs, done = [], threading.Event()
+
+  def emit(_, out):
+    outputs.append(out)
+    if out.finish_reason:
+      done.set()
+
+  engine.submit([Request(tuple(prompt), new_tokens)], emit)
+  engine.start()
+  try:
+    assert done.wait(300)
+  finally:
+    engine.stop()
+  slots = [s for s, _, _ in calls]
+  assert slots[0] == 32 and slots[-1] == 64 and slots == sorted(slots) and set(slots) == {32, 64}, calls
+  for s, end, steps in calls:  # Slots filled after the call (prompt + new tokens - 1 at most) fit.
+    assert min(end + steps, len(prompt) + new_tokens - 1) <= s, calls
+  assert [t for o in outputs for t in o.ids] == _greedy(model, prompt, new_tokens)

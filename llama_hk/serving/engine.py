@@ -2,10 +2,11 @@
 
 One background thread owns the cache and every compiled call. The running batch is bucketed by occupancy (1, 2,
 4, ... rows, at most `decode.batch_bucket(max_batch)`), so a lone stream decodes on the batch-1 path (the
-platform's batch-1 weight layout included); the cache keeps the slots its rows may fill (the bucket of the longest
-prompt + max_tokens among them, at most `decode.bucket(max_seq_len)`), so a decode step attends over no more
-slots than its rows can reach, whatever the context. New requests of one prompt bucket are prefilled together (up
-to PREFILL_ROWS, a power of two) and written into free rows, joining at the next decode call. A decode call runs
+platform's batch-1 weight layout included). The cache keeps the slots its rows reach within SLOTS_AHEAD more
+tokens (at most their prompt + max_tokens), bucketed, and grows, at least doubling, as they get there: a decode
+step attends over no more slots than its rows can fill soon, whatever the context and max_tokens (a chat request
+without max_tokens may run to the end of the context). New requests of one prompt bucket are prefilled together
+(up to PREFILL_ROWS, a power of two) and written into free rows, joining at the next decode call. A decode call runs
 DECODE_CHUNK steps while no request waits and no row can finish inside it, else one step; a row that finishes or
 is cancelled frees its row before the next call, and when no request waits and the rows in use fit a smaller
 bucket they are gathered into it. Requests beyond the rows wait in a bounded queue.
@@ -42,6 +43,9 @@ PREFILL_ROWS = 4  # The most new sequences prefilled in one call (1, 2 or 4: a f
 # calls, each one's dispatch, output arrays and host delivery shared by 8 tokens of every row.
 DECODE_CHUNK = 8
 MAX_TOP_LOGPROBS = 20  # Alternatives computed per token when a row asks for log-probabilities (OpenAI's limit).
+# Tokens beyond each row's current length that the cache's slots cover: two decode calls of the longest plan
+# (platform.decode_plan's 32 steps), so that the call in flight and the next one always fit.
+SLOTS_AHEAD = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,23 +361,37 @@ class Engine:
 
   def _shrink(self) -> None:
     """Gathers the rows in use into the smallest bucket that holds them, unless requests wait to fill the free
-    ones (a shrink then a grow would copy the cache twice for nothing)."""
-    if self._waiting:
-      return
+    ones (a shrink then a grow would copy the cache twice for nothing), and fits the slots to them."""
     used = [r for r, seq in enumerate(self._rows) if seq is not None]
     size = decode.batch_bucket(len(used))
-    if size < len(self._rows):
+    if size < len(self._rows) and not self._waiting:
       index = used + [0] * (size - len(used))
       self._cache = regroup(self._cache, np.array(index, np.int32))
       self._rows = [self._rows[r] for r in used] + [None] * (size - len(used))
     self._fit_slots()
 
-  def _fit_slots(self) -> None:
-    """Resizes the cache to the slots its rows may fill: the bucket of the longest prompt + max_tokens in use."""
-    needs = [len(seq.request.prompt) + seq.request.max_tokens for seq in self._rows if seq is not None]
-    slots = decode.bucket(max(needs)) if needs else self._cache.k.shape[3]
-    if slots != self._cache.k.shape[3]:
-      self._cache = resize_slots(self._cache, slots=slots)
+  @staticmethod
+  def _reach(seq: Job, ahead: int) -> int:
+    """The slots `seq` may fill within `ahead` more tokens: its prompt, the tokens read so far and `ahead`, at
+    most its prompt + max_tokens (a row past its budget is done: what it writes after that is never read)."""
+    length = len(seq.request.prompt) + (len(seq.row.ids) if seq.row is not None else 0)
+    return min(length + ahead, len(seq.request.prompt) + seq.request.max_tokens)
+
+  def _fit_slots(self, ahead: int = SLOTS_AHEAD) -> None:
+    """Resizes the cache to the bucket of what its rows reach within `ahead` tokens: grown to at least twice
+    its slots when short (a long completion compiles a few cache sizes, not one every bucket), at most to the
+    bucket of the longest prompt + max_tokens; shrunk when that bucket is half its slots or less (rows that
+    reached far have left)."""
+    active = [seq for seq in self._rows if seq is not None]
+    if not active:
+      return
+    have = self._cache.k.shape[3]
+    need = decode.bucket(max(self._reach(seq, ahead) for seq in active))
+    if need > have:
+      limit = decode.bucket(max(len(seq.request.prompt) + seq.request.max_tokens for seq in active))
+      self._cache = resize_slots(self._cache, slots=min(max(need, decode.bucket(2 * have)), limit))
+    elif need <= have // 2:
+      self._cache = resize_slots(self._cache, slots=need)
 
   def _free_row(self) -> int | None:
     """A row for a new sequence: a free one, else the batch grown, once, to the bucket that holds every waiting
@@ -465,9 +483,9 @@ class Engine:
       self._rows[r] = None
 
   def _decode(self) -> None:
-    """Decode calls over the current rows until one of them finishes, a request waits or one is cancelled: each
-    call is dispatched from the last one's device outputs before the last one's tokens are read, so the host
-    delivers tokens while the device computes."""
+    """Decode calls over the current rows until one of them finishes, a request waits, one is cancelled or the
+    cache must grow: each call is dispatched from the last one's device outputs before the last one's tokens are
+    read, so the host delivers tokens while the device computes."""
     rows = list(self._rows)
     plan, params = self.generator.decode_plan(len(rows))
     sampled = any(s is not None and s.request.temperature > 0 for s in rows)
@@ -478,6 +496,8 @@ class Engine:
       return [s.request.max_tokens - len(s.row.ids) for s in active]
 
     steps = decode_steps(plan.chunk_steps, left(), any(s.request.stop for s in active), bool(self._waiting))
+    self._fit_slots(max(SLOTS_AHEAD, 2 * steps))  # This call and the next fit.
+    slots = self._cache.k.shape[3]
 
     def call(tokens, fields):
       self._cache, *out = decode_rows(params, self._cache, tokens, fields, self._stop_ids, config=self.config,
@@ -487,8 +507,9 @@ class Engine:
     out = call(np.array([s.last_token if s is not None else 0 for s in rows], np.int32), self._fields(rows))
     while out is not None:
       steady = self._rows == rows and not (self._waiting or self._stopping or any(s.cancelled for s in rows if s))
-      # A call of `steps` is in flight: the next one of as many needs them left after it.
+      # A call of `steps` is in flight: the next one of as many needs them left after it, and their slots.
       steady = steady and (steps == plan.chunk_steps or min(left()) >= 2 * steps)
+      steady = steady and all(self._reach(s, 2 * steps) <= slots for s in active)
       pending = call(*out[4:]) if steady else None
       ids, chosen, top_ids, top_values = (np.asarray(a) for a in out[:4])
       for r, seq in enumerate(rows):

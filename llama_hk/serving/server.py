@@ -73,7 +73,7 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, max_bat
     host, port: where to listen (port 0: a free port, printed).
     max_batch: sequences decoded together; more wait in a queue of max_queue (then 503).
     max_seq_len: each sequence's context (prompt and completion), at most the model's (its default); a decode
-      step reads the slots its rows may fill (their longest prompt + max_tokens, bucketed), at most this many.
+      step reads the slots its rows reach soon (engine.SLOTS_AHEAD tokens ahead, bucketed), at most this many.
     model_name: the name requests must give (default: the checkpoint's file or directory name).
     dtype: parameter dtype (default: as stored).
     adapter: a PEFT LoRA adapter directory, merged into the served weights (a LoRA training model_dir's own
