@@ -53,12 +53,32 @@ def _greedy(model, prompt, new_tokens):
   return ids[len(prompt):].tolist()
 
 
+def _serve(ckpt, requests, max_batch: int) -> list[list]:
+  """Each request's Outputs from an Engine (context 64) that gets them all queued before its loop starts."""
+  from llama_hk.inference.generator import Generator
+
+  engine = Engine(Generator(ckpt.config, ckpt.params, ckpt.tokenizer, max_batch=max_batch), max_seq_len=64)
+  outputs = [[] for _ in requests]
+  done = threading.Event()
+
+  def emit(i, out):
+    outputs[i].append(out)
+    if all(o and o[-1].finish_reason for o in outputs):
+      done.set()
+
+  engine.submit(requests, emit)
+  engine.start()
+  try:
+    assert done.wait(300)
+  finally:
+    engine.stop()
+  return outputs
+
+
 def test_engine_groups_prefills_by_bucket_and_chunks_decoding(tiny, monkeypatch):
   """Four requests admitted together (prompts in two buckets, 21-24 new tokens): each prefill call holds one bucket's
   prompts only, decoding runs in DECODE_CHUNK-step calls while every row has that many tokens left, and every
   result is transformers' greedy one."""
-  from llama_hk.inference.generator import Generator
-
   model, ckpt = tiny
   prompts = [list(range(100, 100 + n)) for n in (5, 20, 9, 30)]  # Buckets 16, 32, 16, 32.
   new_tokens = [21, 24, 22, 23]
@@ -70,21 +90,7 @@ def test_engine_groups_prefills_by_bucket_and_chunks_decoding(tiny, monkeypatch)
     return prefill(params, tokens, lengths, *args, **kwargs)
 
   monkeypatch.setattr(engine_lib, "prefill_rows", recording)
-  engine = Engine(Generator(ckpt.config, ckpt.params, ckpt.tokenizer, max_batch=4), max_seq_len=64)
-  outputs = [[] for _ in prompts]
-  done = threading.Event()
-
-  def emit(i, out):
-    outputs[i].append(out)
-    if all(o and o[-1].finish_reason for o in outputs):
-      done.set()
-
-  engine.submit([Request(tuple(p), n) for p, n in zip(prompts, new_tokens)], emit)  # Queued before the loop runs.
-  engine.start()
-  try:
-    assert done.wait(300)
-  finally:
-    engine.stop()
+  outputs = _serve(ckpt, [Request(tuple(p), n) for p, n in zip(prompts, new_tokens)], max_batch=4)
   assert sorted(shapes) == [(16, [5, 9]), (32, [20, 30])]
   sizes = [len(o.ids) for outs in outputs for o in outs]
   assert DECODE_CHUNK in sizes and max(sizes) == DECODE_CHUNK, sizes
@@ -95,11 +101,9 @@ def test_engine_groups_prefills_by_bucket_and_chunks_decoding(tiny, monkeypatch)
 
 
 def test_cache_keeps_the_slots_its_rows_may_fill(tiny, monkeypatch):
-  """The cache grows to the bucket of the longest prompt + max_tokens among its rows when such a row is admitted
-  and shrinks when it finishes, so decode steps attend over those slots only; every result stays transformers'
-  greedy one."""
-  from llama_hk.inference.generator import Generator
-
+  """Rows whose prompt + max_tokens lies within SLOTS_AHEAD tokens of their prompt: the cache takes the bucket of
+  the longest when such a row is admitted and shrinks when it finishes, so decode steps attend over those slots
+  only; every result stays transformers' greedy one."""
   model, ckpt = tiny
   long_prompt, short_prompt = list(range(400, 450)), list(range(500, 505))  # 50 + 4 -> 64 slots; 5 + 20 -> 32.
   slots = []
@@ -110,21 +114,7 @@ def test_cache_keeps_the_slots_its_rows_may_fill(tiny, monkeypatch):
     return decode_rows(params, cache, *args, **kwargs)
 
   monkeypatch.setattr(engine_lib, "decode_rows", recording)
-  engine = Engine(Generator(ckpt.config, ckpt.params, ckpt.tokenizer, max_batch=2), max_seq_len=64)
-  outputs = [[], []]
-  done = threading.Event()
-
-  def emit(i, out):
-    outputs[i].append(out)
-    if all(o and o[-1].finish_reason for o in outputs):
-      done.set()
-
-  engine.submit([Request(tuple(long_prompt), 4), Request(tuple(short_prompt), 20)], emit)
-  engine.start()
-  try:
-    assert done.wait(300)
-  finally:
-    engine.stop()
+  outputs = _serve(ckpt, [Request(tuple(long_prompt), 4), Request(tuple(short_prompt), 20)], max_batch=2)
   assert slots[0] == 64 and slots[-1] == 32 and set(slots) == {32, 64}, slots  # Shrunk once the long row ended.
   for outs, prompt, n in zip(outputs, (long_prompt, short_prompt), (4, 20)):
     assert [t for o in outs for t in o.ids] == _greedy(model, prompt, n)
@@ -134,8 +124,6 @@ def test_cache_grows_as_a_long_completion_gets_there(tiny, monkeypatch):
   """A request whose max_tokens runs far (the chat default: the rest of the context) starts on the slots its
   prompt and SLOTS_AHEAD more tokens reach, and the cache doubles as it gets there: no call runs on slots its row
   could outgrow inside it, and the result stays transformers' greedy one."""
-  from llama_hk.inference.generator import Generator
-
   model, ckpt = tiny
   monkeypatch.setattr(engine_lib, "SLOTS_AHEAD", 2 * DECODE_CHUNK)  # 16: two chunked calls.
   prompt, new_tokens = list(range(325, 330)), 55  # 5 + 16 -> 32 slots at first; 60 in all -> at most 64.
@@ -147,20 +135,7 @@ def test_cache_grows_as_a_long_completion_gets_there(tiny, monkeypatch):
     return decode_rows(params, cache, *args, **kwargs)
 
   monkeypatch.setattr(engine_lib, "decode_rows", recording)
-  engine = Engine(Generator(ckpt.config, ckpt.params, ckpt.tokenizer, max_batch=1), max_seq_len=64)
-  outputs, done = [], threading.Event()
-
-  def emit(_, out):
-    outputs.append(out)
-    if out.finish_reason:
-      done.set()
-
-  engine.submit([Request(tuple(prompt), new_tokens)], emit)
-  engine.start()
-  try:
-    assert done.wait(300)
-  finally:
-    engine.stop()
+  [outputs] = _serve(ckpt, [Request(tuple(prompt), new_tokens)], max_batch=1)
   slots = [s for s, _, _ in calls]
   assert slots[0] == 32 and slots[-1] == 64 and slots == sorted(slots) and set(slots) == {32, 64}, calls
   for s, end, steps in calls:  # Slots filled after the call (prompt + new tokens - 1 at most) fit.
