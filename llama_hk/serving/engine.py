@@ -96,6 +96,13 @@ class Job:
     self.row: Row | None = None  # Set when it is prefilled.
     self.last_token = 0
 
+  def reach(self, ahead: int) -> int:
+    """The cache slots the sequence may fill within `ahead` more tokens: its prompt, the tokens read so far and
+    `ahead`, at most its prompt + max_tokens (a row past its budget is done: what it writes after that is never
+    read)."""
+    length = len(self.request.prompt) + (len(self.row.ids) if self.row is not None else 0)
+    return min(length + ahead, len(self.request.prompt) + self.request.max_tokens)
+
   def cancel(self) -> None:
     """Frees the sequence's row before the next decode call (thread-safe; no further Output)."""
     self.cancelled = True
@@ -370,13 +377,6 @@ class Engine:
       self._rows = [self._rows[r] for r in used] + [None] * (size - len(used))
     self._fit_slots()
 
-  @staticmethod
-  def _reach(seq: Job, ahead: int) -> int:
-    """The slots `seq` may fill within `ahead` more tokens: its prompt, the tokens read so far and `ahead`, at
-    most its prompt + max_tokens (a row past its budget is done: what it writes after that is never read)."""
-    length = len(seq.request.prompt) + (len(seq.row.ids) if seq.row is not None else 0)
-    return min(length + ahead, len(seq.request.prompt) + seq.request.max_tokens)
-
   def _fit_slots(self, ahead: int = SLOTS_AHEAD) -> None:
     """Resizes the cache to the bucket of what its rows reach within `ahead` tokens: grown to at least twice
     its slots when short (a long completion compiles a few cache sizes, not one every bucket), at most to the
@@ -386,7 +386,7 @@ class Engine:
     if not active:
       return
     have = self._cache.k.shape[3]
-    need = decode.bucket(max(self._reach(seq, ahead) for seq in active))
+    need = decode.bucket(max(seq.reach(ahead) for seq in active))
     if need > have:
       limit = decode.bucket(max(len(seq.request.prompt) + seq.request.max_tokens for seq in active))
       self._cache = resize_slots(self._cache, slots=min(max(need, decode.bucket(2 * have)), limit))
@@ -509,7 +509,7 @@ class Engine:
       steady = self._rows == rows and not (self._waiting or self._stopping or any(s.cancelled for s in rows if s))
       # A call of `steps` is in flight: the next one of as many needs them left after it, and their slots.
       steady = steady and (steps == plan.chunk_steps or min(left()) >= 2 * steps)
-      steady = steady and all(self._reach(s, 2 * steps) <= slots for s in active)
+      steady = steady and all(s.reach(2 * steps) <= slots for s in active)
       pending = call(*out[4:]) if steady else None
       ids, chosen, top_ids, top_values = (np.asarray(a) for a in out[:4])
       for r, seq in enumerate(rows):
